@@ -1,0 +1,70 @@
+"""Settings: one pydantic-settings class, environment prefix ``DISTILL_``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything configurable. The embedded defaults need no server at all."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".distill")
+    database_url: str | None = None  # default: sqlite under data_dir
+    broker_url: str | None = None  # default: a SQLite-backed kombu transport under data_dir
+    storage_url: str | None = None  # default: file://<data_dir>/blobs; or s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # for MinIO and other S3-compatible stores
+
+    auth: Literal["on", "off"] = "on"
+    max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+
+    # Worker and reconciler.
+    heartbeat_seconds: float = Field(default=2.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)  # a job whose heartbeat is older is stale
+    max_attempts: int = Field(default=3, ge=1)
+    reconcile_seconds: float = Field(default=5.0, gt=0)
+    requeue_after_seconds: float = Field(default=30.0, gt=0)  # re-send a queued job this old
+    gpu_workers: bool = False  # route jobs that want a GPU to the gpu queue
+
+    # Sandbox for opening uploaded models.
+    inspect_timeout_seconds: float = Field(default=60.0, gt=0)
+    inspect_memory_mb: int = Field(default=4096, gt=0)
+
+    @model_validator(mode="after")
+    def _production_needs_servers(self) -> Settings:
+        if self.environment == "production":
+            missing = [
+                name
+                for name in ("database_url", "broker_url", "storage_url")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                env = ", ".join(f"DISTILL_{m.upper()}" for m in missing)
+                raise ValueError(f"production needs {env}; set them or use environment=development")
+            if self.auth == "off":
+                raise ValueError("DISTILL_AUTH=off is refused in production")
+        return self
+
+    @cached_property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'distill.db').resolve()}"
+
+    @cached_property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @cached_property
+    def storage(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+
+def get_settings() -> Settings:
+    """Settings read from the environment now (tests and `distill serve` change it)."""
+    return Settings()

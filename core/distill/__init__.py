@@ -1,0 +1,1 @@
+"""The distillation engine: torch only; knows nothing of HTTP, Celery or the database."""

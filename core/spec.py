@@ -1,0 +1,422 @@
+"""The distillation job spec (API.md, "Jobs"): one definition for the API and the engine.
+
+A spec is parsed with :func:`parse_spec` (unknown fields and impossible values raise
+:class:`~core.errors.InvalidSpec` naming the field), then completed against what the service
+knows about the teacher and the dataset with :func:`complete_spec`, which infers ``task``,
+chooses the distillation method, checks shapes and fills in every default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import InvalidSpec, ShapeMismatch
+
+Task = Literal["classification", "regression"]
+Preset = Literal["mlp", "cnn", "resnet", "transformer"]
+ExportFormat = Literal["torchscript", "onnx", "safetensors"]
+Quantization = Literal["none", "dynamic_int8", "fp16", "static_int8"]
+
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(StrictModel):
+    """An uploaded model (``model_id``) or, for local runs, a file (``path``)."""
+
+    model_id: str | None = None
+    path: str | None = None
+    format: str | None = None  # local runs: detected from the file when absent
+    arch: str | None = None  # safetensors: the built-in architecture (local runs)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelRef:
+        if (self.model_id is None) == (self.path is None):
+            raise ValueError("give exactly one of model_id or path")
+        return self
+
+
+class WeightedModelRef(ModelRef):
+    weight: float = Field(default=1.0, gt=0)
+
+
+class StudentSpec(StrictModel):
+    """A preset with size knobs, an uploaded trainable model, or a shrunk copy of the teacher."""
+
+    preset: Preset | None = None
+    width: int | None = Field(default=None, ge=1, le=8192)
+    depth: int | None = Field(default=None, ge=1, le=64)
+    heads: int | None = Field(default=None, ge=1, le=64)  # transformer only
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    model_id: str | None = None
+    path: str | None = None
+    format: str | None = None
+    arch: str | None = None
+    shrink: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StudentSpec:
+        kinds = [
+            k
+            for k, v in (
+                ("preset", self.preset),
+                ("model_id", self.model_id),
+                ("path", self.path),
+                ("shrink", self.shrink),
+            )
+            if v is not None
+        ]
+        if not kinds:
+            self.preset = "mlp"
+        elif len(kinds) > 1:
+            raise ValueError(f"give one of preset, model_id, path or shrink, not {kinds}")
+        if self.preset is None and any(v is not None for v in (self.width, self.depth, self.heads)):
+            raise ValueError("width, depth and heads size a preset; add a preset")
+        return self
+
+    def filled(self) -> StudentSpec:
+        """The same student with the preset's default sizes written in."""
+        if self.preset is None:
+            return self
+        defaults = PRESET_DEFAULTS[self.preset]
+        data = self.model_dump()
+        for key, value in defaults.items():
+            if data.get(key) is None:
+                data[key] = value
+        return StudentSpec(**data)
+
+
+PRESET_DEFAULTS: dict[str, dict[str, int]] = {
+    "mlp": {"width": 128, "depth": 2},
+    "cnn": {"width": 32, "depth": 2},
+    "resnet": {"width": 16, "depth": 2},
+    "transformer": {"width": 64, "depth": 2, "heads": 4},
+}
+
+
+class HintPair(StrictModel):
+    """A teacher layer matched to a student layer (module paths; ONNX: tensor names)."""
+
+    teacher: str = Field(min_length=1)
+    student: str = Field(min_length=1)
+
+
+class _OutputKD(StrictModel):
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(
+        default=0.9, ge=0, le=1, description="weight of distillation vs hard-label CE"
+    )
+
+
+class KDMethod(_OutputKD):
+    """Hinton et al. 2015."""
+
+    method: Literal["kd"] = "kd"
+
+
+class MSEMethod(StrictModel):
+    """Match the teacher's outputs (regression, embeddings, or logits)."""
+
+    method: Literal["mse"] = "mse"
+    alpha: float = Field(default=1.0, ge=0, le=1, description="weight of MSE vs hard-label loss")
+
+
+class DKDMethod(StrictModel):
+    """Decoupled KD, Zhao et al. 2022."""
+
+    method: Literal["dkd"] = "dkd"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    tckd_weight: float = Field(default=1.0, ge=0)
+    nckd_weight: float = Field(default=8.0, ge=0)
+    ce_weight: float = Field(default=1.0, ge=0)
+    warmup_epochs: int = Field(default=5, ge=0)
+
+
+class FitNetMethod(_OutputKD):
+    """FitNets hint learning, Romero et al. 2015 (plus output KD)."""
+
+    method: Literal["fitnet"] = "fitnet"
+    hints: list[HintPair] = Field(default_factory=list)  # empty: the penultimate features
+    hint_weight: float = Field(default=1.0, ge=0)
+
+
+class AttentionMethod(_OutputKD):
+    """Attention transfer, Zagoruyko & Komodakis 2017 (plus output KD)."""
+
+    method: Literal["attention"] = "attention"
+    hints: list[HintPair] = Field(default_factory=list)
+    beta: float = Field(default=1000.0, ge=0)
+    p: float = Field(default=2.0, gt=0)
+
+
+class RKDMethod(_OutputKD):
+    """Relational KD, Park et al. 2019 (plus output KD)."""
+
+    method: Literal["rkd"] = "rkd"
+    distance_weight: float = Field(default=25.0, ge=0)
+    angle_weight: float = Field(default=50.0, ge=0)
+
+
+DistillationSpec = Annotated[
+    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod,
+    Field(discriminator="method"),
+]
+METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd")
+
+
+class StageSpec(StrictModel):
+    student: StudentSpec
+    distillation: DistillationSpec | None = None  # default: the job's
+
+
+class TrainingSpec(StrictModel):
+    epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(default=128, ge=1, le=MAX_BATCH)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    early_stopping_patience: int | None = Field(default=5, ge=1)
+    max_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60)
+    cache_teacher_outputs: bool = True
+    baseline: bool = True  # also train the student on labels alone, when labels exist
+
+
+class PruneSpec(StrictModel):
+    amount: float = Field(default=0.5, gt=0, lt=1)
+    structured: bool = False
+
+
+class CompressionSpec(StrictModel):
+    prune: PruneSpec | None = None
+    quantize: Quantization = "none"
+
+
+class JobSpec(StrictModel):
+    name: str | None = Field(default=None, max_length=200)
+    teacher: ModelRef | None = None
+    teachers: list[WeightedModelRef] | None = Field(default=None, min_length=1, max_length=16)
+    dataset_id: str | None = None
+    dataset_path: str | None = None
+    task: Task | None = None
+    student: StudentSpec | None = None
+    distillation: DistillationSpec | None = None
+    stages: list[StageSpec] | None = Field(default=None, min_length=1, max_length=8)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    export: list[ExportFormat] = Field(
+        default_factory=lambda: ["torchscript", "onnx", "safetensors"]
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("teacher: give exactly one of teacher or teachers")
+        if (self.dataset_id is None) == (self.dataset_path is None):
+            raise ValueError("dataset_id: give exactly one of dataset_id or dataset_path")
+        if self.stages is not None and self.student is not None:
+            raise ValueError(
+                "stages: give either student or stages (the last stage is the result), not both"
+            )
+        if len(set(self.export)) != len(self.export):
+            raise ValueError("export: lists a format twice")
+        return self
+
+    def teacher_refs(self) -> list[WeightedModelRef]:
+        """The teachers as a weighted list (one teacher has weight 1)."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        assert self.teacher is not None
+        return [WeightedModelRef(**self.teacher.model_dump())]
+
+    def chain(self) -> list[StageSpec]:
+        """The stages to run in order; a plain spec is a one-stage chain."""
+        if self.stages is not None:
+            return [
+                StageSpec(
+                    student=s.student.filled(), distillation=s.distillation or self.distillation
+                )
+                for s in self.stages
+            ]
+        return [
+            StageSpec(
+                student=(self.student or StudentSpec()).filled(), distillation=self.distillation
+            )
+        ]
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a spec; raise InvalidSpec naming the first wrong field (dotted path)."""
+    if not isinstance(data, dict):
+        raise InvalidSpec("the job spec must be a JSON object", field="")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid_spec(exc) from None
+
+
+def _invalid_spec(exc: ValidationError) -> InvalidSpec:
+    problems = [_problem(e) for e in exc.errors(include_url=False, include_context=False)]
+    field, msg = problems[0]["field"], problems[0]["message"]
+    if exc.errors()[0]["type"] == "extra_forbidden":
+        message = f"unknown field '{field}'; remove it (see the job spec in the API docs)"
+    else:
+        message = f"'{field}': {msg}" if field else msg
+    return InvalidSpec(message, field=field, details={"errors": problems})
+
+
+def _problem(error: Any) -> dict[str, str]:
+    """A pydantic error as {"field": dotted path, "message": text}."""
+    field = ".".join(str(p) for p in error["loc"] if not _is_union_tag(p))
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    # Model-level validators name their field as "field: message".
+    head, sep, rest = msg.partition(": ")
+    if sep and " " not in head:
+        field = f"{field}.{head}" if field else head
+        msg = rest
+    return {"field": field, "message": msg}
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value ("kd", "mse", …) into error locations.
+    return isinstance(part, str) and part in METHODS
+
+
+# --- completion against the teacher and the dataset --------------------------------------------
+
+
+class TensorInfo(StrictModel):
+    """One input or output: shape with ``None`` for the batch dimension, and dtype."""
+
+    shape: list[int | None]
+    dtype: str
+
+
+class ModelInfo(StrictModel):
+    """What the service recorded about a model when it was uploaded."""
+
+    format: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    trainable: bool = False
+    arch: str | None = None  # a built-in architecture (safetensors), so `shrink` works
+
+
+class DatasetInfo(StrictModel):
+    n_samples: int
+    x_shape: list[int | None]
+    x_dtype: str
+    has_labels: bool
+    n_classes: int | None = None
+    y_shape: list[int | None] | None = None  # (None,) for labels, (None, k) for targets
+    n_val: int | None = None  # samples in a given validation split
+
+
+def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> JobSpec:
+    """Infer the task, pick the method, check shapes and sizes; return the filled-in spec."""
+    if not teachers:
+        raise InvalidSpec("the spec names no teacher", field="teacher")
+    field_prefix = "teachers" if spec.teachers is not None else "teacher"
+    first = teachers[0]
+    for i, info in enumerate(teachers):
+        field = f"{field_prefix}.{i}" if spec.teachers is not None else field_prefix
+        _check_input(info, dataset, field)
+        if info.outputs[0].shape[1:] != first.outputs[0].shape[1:]:
+            raise ShapeMismatch(
+                f"teachers output different shapes ({first.outputs[0].shape} vs "
+                f"{info.outputs[0].shape}); an ensemble needs the same output shape",
+                field=field,
+            )
+    out_shape = first.outputs[0].shape
+    out_dim = out_shape[-1] if len(out_shape) > 1 else 1
+    task = spec.task or _infer_task(first, dataset)
+    too_many_classes = (
+        task == "classification"
+        and dataset.has_labels
+        and dataset.n_classes is not None
+        and out_dim is not None
+        and dataset.n_classes > out_dim
+    )
+    if too_many_classes:
+        raise ShapeMismatch(
+            f"the dataset has {dataset.n_classes} classes but the teacher outputs "
+            f"{out_dim} scores; the labels must be 0..{out_dim - 1}",
+            field="dataset_id" if spec.dataset_id else "dataset_path",
+        )
+    n_train = (
+        dataset.n_samples
+        if dataset.n_val
+        else int(dataset.n_samples * (1 - spec.training.val_fraction))
+    )
+    if spec.training.batch_size > max(n_train, 1):
+        raise InvalidSpec(
+            f"batch_size {spec.training.batch_size} is larger than the {n_train} training "
+            "samples; use a smaller batch_size",
+            field="training.batch_size",
+        )
+    default_method: Any = KDMethod() if task == "classification" else MSEMethod()
+    distillation = spec.distillation or default_method
+    if task == "regression" and distillation.method in ("kd", "dkd"):
+        raise InvalidSpec(
+            f"method '{distillation.method}' needs class logits; use 'mse' for regression",
+            field="distillation.method",
+        )
+    data = spec.model_dump()
+    data["task"] = task
+    data["distillation"] = distillation.model_dump()
+    if spec.stages is None:
+        data["student"] = (spec.student or StudentSpec()).filled().model_dump()
+    else:
+        data["stages"] = [
+            {
+                "student": s.student.filled().model_dump(),
+                "distillation": (s.distillation.model_dump() if s.distillation else None),
+            }
+            for s in spec.stages
+        ]
+    for i, stage in enumerate(spec.chain()):
+        if stage.student.shrink is not None and first.arch is None:
+            raise InvalidSpec(
+                "shrink needs a teacher whose architecture is built in (a safetensors upload "
+                "with arch); use a preset student instead",
+                field=f"stages.{i}.student.shrink" if spec.stages else "student.shrink",
+            )
+    return JobSpec.model_validate(data)
+
+
+def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:
+    expected = info.inputs[0].shape[1:]
+    got = dataset.x_shape[1:]
+    if len(expected) != len(got) or any(
+        e is not None and e != g for e, g in zip(expected, got, strict=False)
+    ):
+        raise ShapeMismatch(
+            f"the teacher takes inputs of shape {['N', *expected]} but the dataset's x has "
+            f"shape {['N', *got]}; upload a dataset shaped like the teacher's input",
+            field=field,
+        )
+
+
+def _infer_task(teacher: ModelInfo, dataset: DatasetInfo) -> Task:
+    if dataset.has_labels and dataset.y_shape is not None and len(dataset.y_shape) > 1:
+        return "regression"
+    if dataset.has_labels:
+        return "classification"
+    out = teacher.outputs[0]
+    if len(out.shape) == 2 and out.dtype.startswith("float") and (out.shape[1] or 0) > 1:
+        # Without labels a 2-D float output may be logits or an embedding: logits is likelier
+        # for an uploaded classifier; users distilling embeddings say task=regression.
+        return "classification"
+    return "regression"
