@@ -300,7 +300,7 @@ def _is_union_tag(part: Any) -> bool:
 class TensorInfo(StrictModel):
     """One input or output: shape with ``None`` for the batch dimension, and dtype."""
 
-    shape: list[int | None]
+    shape: list[int | None] | None  # None: rank unknown (a TorchScript file without a probe)
     dtype: str
 
 
@@ -333,13 +333,13 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
     for i, info in enumerate(teachers):
         field = f"{field_prefix}.{i}" if spec.teachers is not None else field_prefix
         _check_input(info, dataset, field)
-        if info.outputs[0].shape[1:] != first.outputs[0].shape[1:]:
+        if (info.outputs[0].shape or [])[1:] != (first.outputs[0].shape or [])[1:]:
             raise ShapeMismatch(
                 f"teachers output different shapes ({first.outputs[0].shape} vs "
                 f"{info.outputs[0].shape}); an ensemble needs the same output shape",
                 field=field,
             )
-    out_shape = first.outputs[0].shape
+    out_shape = first.outputs[0].shape or [None]
     out_dim = out_shape[-1] if len(out_shape) > 1 else 1
     task = spec.task or _infer_task(first, dataset)
     too_many_classes = (
@@ -397,6 +397,8 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
 
 
 def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:
+    if info.inputs[0].shape is None:
+        return  # unknown until the worker's dry forward
     expected = info.inputs[0].shape[1:]
     got = dataset.x_shape[1:]
     if len(expected) != len(got) or any(
@@ -415,7 +417,8 @@ def _infer_task(teacher: ModelInfo, dataset: DatasetInfo) -> Task:
     if dataset.has_labels:
         return "classification"
     out = teacher.outputs[0]
-    if len(out.shape) == 2 and out.dtype.startswith("float") and (out.shape[1] or 0) > 1:
+    shape = out.shape or []
+    if len(shape) == 2 and out.dtype.startswith("float") and (shape[1] or 0) > 1:
         # Without labels a 2-D float output may be logits or an embedding: logits is likelier
         # for an uploaded classifier; users distilling embeddings say task=regression.
         return "classification"

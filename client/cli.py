@@ -1,0 +1,25 @@
+"""The `distill` command line (typer). Each group of commands lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="distill: distillation as a service.")
+
+
+def _register() -> None:
+    # Command modules add themselves to `app`; a missing module means that part is not installed.
+    import importlib
+
+    for module in ("client.run_cmd", "client.service_cmds"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+_register()
+
+if __name__ == "__main__":
+    app()
