@@ -11,7 +11,7 @@ def _register() -> None:
     # Command modules add themselves to `app`; a missing module means that part is not installed.
     import importlib
 
-    for module in ("client.run_cmd", "client.service_cmds"):
+    for module in ("client.run_cmd", "client.service_cmds", "client.serve_cmds"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
