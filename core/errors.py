@@ -20,6 +20,7 @@
         ├── JobTimeout                timeout
         ├── WorkerLost                worker_lost
         ├── ExportFailed              export_failed
+        ├── CompressionFailed         compression_failed
         └── Cancelled                 cancelled
 
 The API maps this tree to HTTP in one place (``api/errors.py``); the worker maps it to a job's
@@ -136,6 +137,10 @@ class WorkerLost(JobError):
 
 class ExportFailed(JobError):
     code = "export_failed"
+
+
+class CompressionFailed(JobError):
+    code = "compression_failed"
 
 
 class Cancelled(JobError):

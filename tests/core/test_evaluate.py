@@ -1,0 +1,166 @@
+"""Metrics on hand-made tensors with hand-computed answers; predict, size, latency, compare."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.distill.evaluate import (
+    compare,
+    latency_metrics,
+    predict,
+    quality_metrics,
+    size_metrics,
+)
+from core.errors import InvalidSpec
+
+# argmax per row: 0, 1, 2, 2
+OUTPUTS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 1.0, 5.0]])
+
+
+def test_label_metrics_ignore_unlabeled_rows() -> None:
+    y = torch.tensor([0, 1, 1, -1])  # the last row is unlabeled; predictions 0, 1, 2 vs 0, 1, 1
+    m = quality_metrics(OUTPUTS, task="classification", y=y)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    # class 0: P=1 R=1 F1=1; class 1: P=1 R=1/2 F1=2/3; class 2: P=0 R=0 F1=0
+    assert m["precision_macro"] == pytest.approx((1 + 1 + 0) / 3)
+    assert m["recall_macro"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert m["f1_macro"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert all(type(v) is float for v in m.values())
+
+
+def test_no_labels_means_no_label_metrics() -> None:
+    m = quality_metrics(OUTPUTS, task="classification", y=torch.full((4,), -1))
+    assert m == {}
+
+
+def test_agreement_and_kl_to_teacher() -> None:
+    student = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0], [2.0, 1.0]])
+    m = quality_metrics(student, task="classification", teacher_outputs=teacher)
+    assert m["agreement"] == pytest.approx(0.5)  # row 0 agrees (class 0), row 1 does not
+
+    def kl(p: list[float], q: list[float]) -> float:
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+    a, b = math.exp(2) / (math.exp(2) + math.exp(1)), math.exp(1) / (math.exp(2) + math.exp(1))
+    expected = (kl([0.75, 0.25], [0.5, 0.5]) + kl([a, b], [b, a])) / 2
+    assert m["kl_to_teacher"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_is_zero_for_the_teacher_itself_and_accepts_log_probabilities() -> None:
+    logits = torch.randn(8, 5)
+    same = quality_metrics(logits, task="classification", teacher_outputs=logits)
+    assert same["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert same["agreement"] == 1.0
+    student = torch.randn(8, 5)
+    from_logits = quality_metrics(student, task="classification", teacher_outputs=logits)
+    from_log_probs = quality_metrics(
+        student, task="classification", teacher_outputs=torch.log_softmax(logits, -1)
+    )
+    assert from_log_probs["kl_to_teacher"] == pytest.approx(from_logits["kl_to_teacher"])
+
+
+def test_regression_metrics() -> None:
+    outputs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    targets = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    m = quality_metrics(outputs, task="regression", y=targets, teacher_outputs=teacher)
+    assert m["mse"] == pytest.approx(16 / 4)
+    assert m["cosine"] == pytest.approx((1.0 + -1.0) / 2)
+    assert m["mse_to_labels"] == pytest.approx(1 / 4)
+
+
+def test_unknown_task_is_a_clear_error() -> None:
+    with pytest.raises(InvalidSpec, match="classification"):
+        quality_metrics(OUTPUTS, task="ranking")
+
+
+class _Tuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(x), x
+
+
+class _FakeTeacher:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_predict_batches_every_kind_of_model(tmp_path) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _Tuple().eval()
+    x = torch.randn(23, 4)
+    with torch.no_grad():
+        expected = model.linear(x)
+    assert torch.allclose(predict(model, x, batch_size=5), expected)  # tuple output: first item
+    assert torch.allclose(predict(_FakeTeacher(model.linear), x, batch_size=7), expected)
+    assert torch.allclose(predict(lambda t: model.linear(t), x), expected)
+    scripted = torch.jit.script(model.linear)
+    assert torch.allclose(predict(scripted, x, batch_size=4), expected)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(
+        model.linear, (x[:1],), str(path), dynamo=False, dynamic_axes={"input": {0: "n"}},
+        input_names=["input"],
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert torch.allclose(predict(session, x, batch_size=10), expected, atol=1e-6)
+
+
+def test_size_metrics_count_parameters_and_serialized_bytes() -> None:
+    m = size_metrics(nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 10)))
+    assert m["parameters"] == 100 * 50 + 50 + 50 * 10 + 10
+    # float32 weights plus a little framing
+    assert 4 * m["parameters"] < m["size_bytes"] < 4 * m["parameters"] + 4096
+
+
+def test_latency_is_time_bounded_and_measures_throughput_at_the_batch() -> None:
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01)  # 10 ms a call, whatever the batch size
+        return x
+
+    start = time.perf_counter()
+    m = latency_metrics(slow, torch.zeros(64, 3), warmup=1, iters=10_000, max_seconds=0.3)
+    assert time.perf_counter() - start < 2.0
+    assert 10.0 <= m["latency_ms_p50"] <= m["latency_ms_p95"] < 100.0
+    assert 64 / 0.1 < m["throughput_per_s"] <= 64 / 0.01  # 64 inputs per ≥10 ms call
+
+
+def test_latency_of_a_module() -> None:
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    m = latency_metrics(model, torch.randn(300, 32), iters=50, max_seconds=0.5)
+    assert set(m) == {"latency_ms_p50", "latency_ms_p95", "throughput_per_s"}
+    assert 0 < m["latency_ms_p50"] <= m["latency_ms_p95"]
+    assert m["throughput_per_s"] > 1000 / m["latency_ms_p50"]  # batching pays off
+
+
+def test_compare_guards_zero_and_missing_values() -> None:
+    teacher = {"size_bytes": 4_800_000, "latency_ms_p50": 3.1}
+    student = {"size_bytes": 240_000, "latency_ms_p50": 0.2}
+    assert compare(teacher, student) == {"compression_ratio": 20.0, "speedup": 15.5}
+    assert compare(teacher, {"size_bytes": 0}) == {"compression_ratio": None, "speedup": None}
+
+
+def test_predict_rejects_empty_input() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        predict(nn.Linear(2, 2), torch.zeros(0, 2))
+
+
+def test_predict_returns_float_cpu_tensor() -> None:
+    model = nn.Linear(3, 2).half()
+    out = predict(lambda x: model(x.half()), torch.ones(4, 3))
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    assert np.isfinite(out.numpy()).all()
