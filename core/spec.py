@@ -339,8 +339,9 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
                 f"{info.outputs[0].shape}); an ensemble needs the same output shape",
                 field=field,
             )
-    out_shape = first.outputs[0].shape or [None]
-    out_dim = out_shape[-1] if len(out_shape) > 1 else 1
+    out_shape = first.outputs[0].shape
+    # Unknown output shape (a TorchScript file without a probe): checked by the worker instead.
+    out_dim = None if out_shape is None else (out_shape[-1] if len(out_shape) > 1 else 1)
     task = spec.task or _infer_task(first, dataset)
     too_many_classes = (
         task == "classification"

@@ -1,0 +1,143 @@
+"""Open an uploaded model or dataset in the sandbox and describe it.
+
+:func:`inspect_model_file` and :func:`inspect_dataset_file` are what the API calls at upload and
+the CLI calls for local runs. The file is opened only in a child process with time and memory
+limits (:mod:`core.distill.sandbox`); what comes back is plain JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.distill.sandbox import run_sandboxed
+from core.errors import DatasetInvalid, DistillError, ModelInvalid
+from core.spec import DatasetInfo, ModelInfo
+
+
+class ModelInspection(BaseModel):
+    """A model file's format and signature (``info``), as found by opening it."""
+
+    format: str
+    info: ModelInfo
+    parameters: int | None = None
+    arch: str | None = None
+    arch_config: dict[str, Any] | None = None
+    trainable: bool
+
+
+class DatasetInspection(BaseModel):
+    format: str
+    info: DatasetInfo
+
+
+def inspect_model_file(
+    path: Path,
+    format: str | None = None,
+    arch: str | None = None,
+    arch_config: dict[str, Any] | None = None,
+    input_shape: list[int | None] | None = None,
+    *,
+    timeout_s: float = 60,
+    memory_mb: int = 4096,
+) -> ModelInspection:
+    """Detect, open and dry-run a model file in the sandbox.
+
+    ``input_shape`` is one sample's shape (no batch dimension; a leading ``None`` is dropped);
+    it lets a TorchScript file, which does not declare its input, be probed.
+    """
+    result = run_sandboxed(
+        "core.distill.inspect:model_in_child",
+        {
+            "path": str(Path(path).resolve()),
+            "format": format,
+            "arch": arch,
+            "arch_config": arch_config,
+            "input_shape": input_shape,
+        },
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        error_class=ModelInvalid,
+    )
+    return ModelInspection.model_validate(result)
+
+
+def inspect_dataset_file(
+    path: Path,
+    filename: str,
+    options: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = 120,
+    memory_mb: int = 4096,
+) -> DatasetInspection:
+    """Read a dataset file in the sandbox; ``filename`` (the upload's name) gives the format."""
+    result = run_sandboxed(
+        "core.distill.inspect:dataset_in_child",
+        {"path": str(Path(path).resolve()), "filename": filename, "options": options or {}},
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        error_class=DatasetInvalid,
+    )
+    return DatasetInspection.model_validate(result)
+
+
+# --- run inside the sandbox --------------------------------------------------------------------
+
+
+def _passthrough(exc: BaseException) -> bool:
+    """Errors the sandbox reports itself: ours, and running out of memory."""
+    text = str(exc).lower()
+    return isinstance(exc, (DistillError, MemoryError)) or "allocate memory" in text
+
+
+def model_in_child(
+    path: str,
+    format: str | None,
+    arch: str | None,
+    arch_config: dict[str, Any] | None,
+    input_shape: list[int | None] | None,
+) -> dict[str, Any]:
+    """Sandbox side of :func:`inspect_model_file`."""
+    import torch
+
+    from core.distill.formats import detect_format
+    from core.distill.teachers import load_teacher
+    from core.distill.types import ModelFile
+
+    torch.set_num_threads(1)
+    try:
+        fmt = detect_format(Path(path), format)
+        teacher: Any = load_teacher(
+            ModelFile(Path(path), fmt, arch, arch_config), "cpu", input_shape=input_shape
+        )
+    except BaseException as exc:
+        if _passthrough(exc):
+            raise
+        raise ModelInvalid(f"the model could not be opened: {type(exc).__name__}: {exc}") from None
+    info = teacher.info
+    return ModelInspection(
+        format=fmt,
+        info=info,
+        parameters=teacher.parameters,
+        arch=info.arch,
+        arch_config=getattr(teacher, "arch_config", None),
+        trainable=fmt != "onnx",
+    ).model_dump(mode="json")
+
+
+def dataset_in_child(path: str, filename: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Sandbox side of :func:`inspect_dataset_file`."""
+    from core.distill.data import dataset_format, dataset_info, load_transfer_set
+
+    try:
+        fmt = dataset_format(filename)
+        ts = load_transfer_set(Path(path), fmt, options=options, val_fraction=0.0)
+    except BaseException as exc:
+        if _passthrough(exc):
+            raise
+        raise DatasetInvalid(
+            f"the dataset could not be read: {type(exc).__name__}: {exc}"
+        ) from None
+    return DatasetInspection(format=fmt, info=dataset_info(ts)).model_dump(mode="json")
