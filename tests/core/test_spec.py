@@ -1,0 +1,114 @@
+"""The job spec: defaults filled in, wrong fields named, shapes checked against teacher and data."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import InvalidSpec, ShapeMismatch
+from core.spec import DatasetInfo, ModelInfo, TensorInfo, complete_spec, parse_spec
+
+TEACHER = ModelInfo(
+    format="exported_program",
+    inputs=[TensorInfo(shape=[None, 1, 8, 8], dtype="float32")],
+    outputs=[TensorInfo(shape=[None, 10], dtype="float32")],
+)
+DIGITS = DatasetInfo(
+    n_samples=1000,
+    x_shape=[None, 1, 8, 8],
+    x_dtype="float32",
+    has_labels=True,
+    n_classes=10,
+    y_shape=[None],
+)
+MINIMAL = {"teacher": {"model_id": "mdl_1"}, "dataset_id": "ds_1"}
+
+
+def field_of(data: dict) -> str:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(data)
+    assert info.value.code == "invalid_spec"
+    return info.value.field or ""
+
+
+def test_minimal_spec_gets_a_useful_default_student_and_method() -> None:
+    spec = complete_spec(parse_spec(MINIMAL), [TEACHER], DIGITS)
+    assert spec.task == "classification"
+    assert spec.distillation.method == "kd"
+    assert spec.student.preset == "mlp" and spec.student.width == 128
+    assert spec.training.epochs == 20 and spec.export == ["torchscript", "onnx", "safetensors"]
+
+
+def test_regression_targets_choose_mse() -> None:
+    data = DIGITS.model_copy(update={"y_shape": [None, 10]})
+    spec = complete_spec(parse_spec(MINIMAL), [TEACHER], data)
+    assert spec.task == "regression" and spec.distillation.method == "mse"
+
+
+def test_kd_is_refused_for_regression() -> None:
+    spec = parse_spec({**MINIMAL, "task": "regression", "distillation": {"method": "kd"}})
+    with pytest.raises(InvalidSpec) as info:
+        complete_spec(spec, [TEACHER], DIGITS)
+    assert info.value.field == "distillation.method"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({**MINIMAL, "distillation": {"method": "kd", "temprature": 3}}, "distillation.temprature"),
+        ({**MINIMAL, "training": {"epochs": 10**9}}, "training.epochs"),
+        ({**MINIMAL, "student": {"preset": "mlp", "widht": 3}}, "student.widht"),
+        ({"dataset_id": "ds_1"}, "teacher"),
+        ({**MINIMAL, "teacher": {}}, "teacher"),
+        ({**MINIMAL, "student": {"preset": "mlp"}, "stages": [{"student": {}}]}, "stages"),
+        ({**MINIMAL, "training": {"device": "tpu"}}, "training.device"),
+        ({**MINIMAL, "compression": {"quantize": "int3"}}, "compression.quantize"),
+    ],
+)
+def test_wrong_fields_are_named(data: dict, field: str) -> None:
+    assert field_of(data) == field
+
+
+def test_shape_mismatch_names_the_teacher() -> None:
+    flat = DIGITS.model_copy(update={"x_shape": [None, 64]})
+    with pytest.raises(ShapeMismatch) as info:
+        complete_spec(parse_spec(MINIMAL), [TEACHER], flat)
+    assert info.value.field == "teacher"
+    assert "[N, 1, 8, 8]" in info.value.message.replace("'", "")
+
+
+def test_more_classes_than_teacher_outputs_is_refused() -> None:
+    many = DIGITS.model_copy(update={"n_classes": 12})
+    with pytest.raises(ShapeMismatch, match="12 classes"):
+        complete_spec(parse_spec(MINIMAL), [TEACHER], many)
+
+
+def test_batch_larger_than_the_data_is_refused() -> None:
+    small = DIGITS.model_copy(update={"n_samples": 50})
+    with pytest.raises(InvalidSpec) as info:
+        complete_spec(parse_spec({**MINIMAL, "training": {"batch_size": 128}}), [TEACHER], small)
+    assert info.value.field == "training.batch_size"
+
+
+def test_unknown_teacher_output_shape_skips_the_class_check() -> None:
+    torchscript = TEACHER.model_copy(update={"outputs": [TensorInfo(shape=None, dtype="float32")]})
+    spec = complete_spec(parse_spec(MINIMAL), [torchscript], DIGITS)
+    assert spec.task == "classification"
+
+
+def test_stages_form_the_chain_and_the_last_is_the_result() -> None:
+    spec = parse_spec(
+        {**MINIMAL, "stages": [{"student": {"preset": "cnn"}}, {"student": {"preset": "mlp"}}]}
+    )
+    chain = complete_spec(spec, [TEACHER], DIGITS).chain()
+    assert [s.student.preset for s in chain] == ["cnn", "mlp"]
+    assert chain[0].student.width == 32
+
+
+def test_ensemble_teachers_must_agree_on_output_shape() -> None:
+    other = TEACHER.model_copy(update={"outputs": [TensorInfo(shape=[None, 5], dtype="float32")]})
+    spec = parse_spec(
+        {"teachers": [{"model_id": "a"}, {"model_id": "b", "weight": 2}], "dataset_id": "d"}
+    )
+    with pytest.raises(ShapeMismatch) as info:
+        complete_spec(spec, [TEACHER, other], DIGITS)
+    assert info.value.field == "teachers.1"
