@@ -22,4 +22,7 @@ def _register() -> None:
 _register()
 
 if __name__ == "__main__":
-    app()
+    # Run the module's own `app` (the one the command modules registered on), not __main__'s.
+    from client.cli import app as registered_app
+
+    registered_app()

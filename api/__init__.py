@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): validates, stores uploads, writes rows, enqueues job ids."""

@@ -1,0 +1,69 @@
+"""The app factory: settings, database, storage, routers, error handlers and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.deps import default_enqueue
+from api.errors import install_error_handlers
+from api.metrics import Metrics, MetricsMiddleware
+from api.routes import artifacts, datasets, jobs, models, ops
+from core.config import Settings, get_settings
+from core.db import session_factory
+from core.spec import JobSpec
+from core.storage import get_storage
+
+DESCRIPTION = """Distillation as a service: upload a teacher and a transfer set, start a job,
+get back a small, fast, measured student.
+
+Authenticate with `Authorization: Bearer <key>`. Errors are
+`{"error": {"code", "message", "details"}}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A configured API app (settings default to the environment's)."""
+    settings = settings or Settings()
+    app = FastAPI(title="distill", version="1", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.database)
+    app.state.storage = get_storage(settings.storage, s3_endpoint_url=settings.s3_endpoint_url)
+    # Seams: tests swap how jobs reach the broker and what /readyz asks.
+    app.state.enqueue = default_enqueue
+    app.state.readiness_checks = ops.default_checks(settings, app.state.storage)
+    app.state.metrics = Metrics(app.state.sessions)
+
+    install_error_handlers(app)
+    for module in (models, datasets, jobs, artifacts, ops):
+        app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for this environment's settings (``uvicorn --factory api.main:app_from_env``)."""
+    return create_app(get_settings())
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the job spec (the body of POST /v1/jobs is parsed by core.spec)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(spec.pop("$defs", {}))
+    components["JobSpec"] = spec
+    for item in schema["paths"].values():
+        for operation in item.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            body = content.get("application/json", {}).get("schema", {})
+            if "$ref" in body:  # openapi_extra merged into the generated schema: keep the ref
+                content["application/json"]["schema"] = {"$ref": body["$ref"]}
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,247 @@
+"""Models: upload (streamed, then inspected in a sandbox), list, get, delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import (
+    OwnedModelDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+    page,
+)
+from api.errors import InvalidRequest
+from api.schemas import Deleted, ModelList, ModelPublic, error_responses
+from api.uploads import Upload, receive_upload
+from core.config import Settings
+from core.errors import Conflict
+from core.models import ACTIVE_STATUSES, Job, JobModel, Model, new_id
+from core.storage import Storage
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401))
+
+FORMATS = ("exported_program", "onnx", "safetensors", "torchscript")
+FIELDS = ("name", "format", "arch", "input_shape")
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string", "maxLength": 200},
+                        "format": {"type": "string", "enum": list(FORMATS)},
+                        "arch": {
+                            "type": "string",
+                            "description": "safetensors: a built-in architecture name, or JSON "
+                            '{"name": …, "config": {…}}',
+                        },
+                        "input_shape": {
+                            "type": "string",
+                            "description": "TorchScript: one sample's input shape as a JSON list, "
+                            "e.g. [3, 32, 32]",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def default_name(filename: str) -> str:
+    stem = PurePosixPath(filename.replace("\\", "/")).stem
+    return (stem or "model")[:200]
+
+
+def parse_model_fields(fields: dict[str, str], filename: str) -> dict[str, Any]:
+    """The upload's form fields as inspection options; InvalidRequest naming a bad field."""
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown form field '{unknown[0]}'; the fields are file, {', '.join(FIELDS)}",
+            field=unknown[0],
+        )
+    name = fields.get("name", "").strip() or default_name(filename)
+    if len(name) > 200:
+        raise InvalidRequest("name is longer than 200 characters", field="name")
+    fmt = fields.get("format", "").strip() or None
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidRequest(
+            f"format '{fmt}' is not one of {', '.join(FORMATS)} (leave it out to detect it)",
+            field="format",
+        )
+    arch, arch_config = _parse_arch(fields.get("arch", "").strip())
+    return {
+        "name": name,
+        "format": fmt,
+        "arch": arch,
+        "arch_config": arch_config,
+        "input_shape": _parse_input_shape(fields.get("input_shape", "").strip()),
+    }
+
+
+def _parse_arch(text: str) -> tuple[str | None, dict[str, Any] | None]:
+    if not text:
+        return None, None
+    if not text.startswith("{"):
+        return text, None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"arch is not valid JSON ({exc.msg})", field="arch") from None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("name"), str)
+        or not isinstance(value.get("config", {}), dict)
+        or set(value) - {"name", "config"}
+    ):
+        raise InvalidRequest(
+            'arch must be a name or JSON {"name": "...", "config": {...}}', field="arch"
+        )
+    return value["name"], value.get("config") or {}
+
+
+def _parse_input_shape(text: str) -> list[int | None] | None:
+    """One sample's shape, e.g. ``[3, 32, 32]`` (a leading ``null`` batch dimension is allowed)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    dims = value[1:] if isinstance(value, list) and value and value[0] is None else value
+    if (
+        not isinstance(dims, list)
+        or not dims
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
+    ):
+        raise InvalidRequest(
+            "input_shape must be one sample's shape as a JSON list of positive integers, "
+            "e.g. [3, 32, 32]",
+            field="input_shape",
+        )
+    return value
+
+
+def _inspect(storage: Storage, upload: Upload, options: dict[str, Any], settings: Settings) -> Any:
+    from core.distill.inspect import inspect_model_file  # runs the file in a child process
+
+    with storage.local_copy(upload.blob.key) as path:
+        return inspect_model_file(
+            path,
+            options["format"],
+            options["arch"],
+            options["arch_config"],
+            options["input_shape"],
+            timeout_s=settings.inspect_timeout_seconds,
+            memory_mb=settings.inspect_memory_mb,
+        )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    responses=error_responses(413, 422),
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_model(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Model:
+    """Upload a model file (multipart field `file`); it is opened in a sandbox and described."""
+    model_id = new_id("mdl")
+    upload = await receive_upload(
+        request, storage, f"models/{tenant.id}/{model_id}", max_bytes=settings.max_upload_bytes
+    )
+    try:
+        options = parse_model_fields(upload.fields, upload.filename)
+        inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)
+        info = inspection.info
+        row = Model(
+            id=model_id,
+            tenant_id=tenant.id,
+            name=options["name"],
+            format=inspection.format,
+            arch=inspection.arch,
+            arch_config=inspection.arch_config,
+            size_bytes=upload.blob.size,
+            sha256=upload.blob.sha256,
+            parameters=inspection.parameters,
+            signature={
+                "inputs": [t.model_dump() for t in info.inputs],
+                "outputs": [t.model_dump() for t in info.outputs],
+            },
+            trainable=inspection.trainable,
+            storage_key=upload.blob.key,
+        )
+
+        def save() -> None:
+            session.add(row)
+            session.commit()
+
+        await run_in_threadpool(save)
+    except BaseException:
+        # A refused or failed upload keeps nothing.
+        await run_in_threadpool(storage.delete, upload.blob.key)
+        raise
+    return row
+
+
+@router.get("", response_model=ModelList, responses=error_responses(422))
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+) -> dict[str, Any]:
+    """List the tenant's models, newest first."""
+    query = select(Model).where(Model.tenant_id == tenant.id)
+    if after:
+        query = query.where(Model.id < after)
+    rows, has_more = page(
+        list(session.scalars(query.order_by(Model.id.desc()).limit(limit + 1))), limit
+    )
+    return {"data": rows, "has_more": has_more}
+
+
+@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
+def get_model(model: OwnedModelDep) -> Model:
+    """Get one model."""
+    return model
+
+
+@router.delete("/{model_id}", response_model=Deleted, responses=error_responses(404, 409))
+def delete_model(model: OwnedModelDep, session: SessionDep, storage: StorageDep) -> Deleted:
+    """Delete a model and its file; refused while a queued or running job uses it."""
+    active = session.scalars(
+        select(Job.id)
+        .join(JobModel, JobModel.job_id == Job.id)
+        .where(JobModel.model_id == model.id, Job.status.in_(ACTIVE_STATUSES))
+    ).all()
+    if active:
+        raise Conflict(
+            f"model '{model.id}' is used by active job(s) {', '.join(active)}; cancel them or "
+            "wait until they finish",
+            details={"jobs": list(active)},
+        )
+    session.delete(model)
+    session.commit()
+    storage.delete(model.storage_key)
+    return Deleted(id=model.id)

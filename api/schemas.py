@@ -1,0 +1,173 @@
+"""Request and response models (…Public for one resource, …List for a page of them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from core.spec import TensorInfo
+
+
+def rfc3339(value: datetime) -> str:
+    """UTC with a ``Z`` (SQLite hands back naive datetimes, which are UTC here)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+Timestamp = Annotated[
+    datetime, PlainSerializer(rfc3339, return_type=str, when_used="json-unless-none")
+]
+
+T = TypeVar("T")
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    has_more: bool = False
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["invalid_spec"])
+    message: str = Field(examples=["'training.epochs': Input should be greater than or equal to 1"])
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Signature(BaseModel):
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+class ModelPublic(Public):
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    parameters: int | None
+    signature: Signature
+    trainable: bool
+    arch: str | None
+    arch_config: dict[str, Any] | None
+    created_at: Timestamp
+
+
+class DatasetPublic(Public):
+    id: str
+    name: str
+    format: str
+    n_samples: int
+    x_shape: list[int | None]
+    x_dtype: str
+    has_labels: bool
+    n_classes: int | None
+    options: dict[str, Any]
+    size_bytes: int
+    sha256: str
+    created_at: Timestamp
+
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    stage: int | None = None
+    stages: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+
+    model_config = ConfigDict(extra="allow")
+
+
+class JobErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class JobPublic(Public):
+    id: str
+    name: str | None
+    status: JobStatus
+    queue: str
+    spec: dict[str, Any]
+    progress: Progress
+    metrics: dict[str, Any]
+    result: dict[str, Any] | None
+    error: JobErrorBody | None
+    attempt: int
+    cancel_requested: bool
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class EventPublic(Public):
+    seq: int
+    at: Timestamp
+    type: str
+    data: dict[str, Any]
+
+
+class ArtifactPublic(Public):
+    id: str
+    job_id: str
+    name: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    created_at: Timestamp
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: Literal[True] = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str]
+
+
+ModelList = Page[ModelPublic]
+DatasetList = Page[DatasetPublic]
+JobList = Page[JobPublic]
+EventList = Page[EventPublic]
+ArtifactList = Page[ArtifactPublic]
+
+
+_ERROR_TEXT = {
+    401: "Missing, invalid or revoked API key",
+    404: "No such resource for this tenant",
+    409: "Conflicts with the resource's state",
+    413: "Upload larger than the limit",
+    416: "Range not satisfiable",
+    422: "Invalid request, spec or file; `details.field` names what is wrong",
+    503: "A dependency is unreachable",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` documenting the error envelope for these status codes."""
+    return {
+        code: {"model": ErrorResponse, "description": _ERROR_TEXT.get(code, "Error")}
+        for code in codes
+    }

@@ -1,0 +1,337 @@
+"""Jobs over HTTP: validation against uploads, idempotency, lists, cancel, events (SQLite, PG)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.jobs import add_event
+from core.models import Job, JobModel
+from tests.conftest import POSTGRES_URL, require_service
+from tests.service.api_support import (
+    Api,
+    build_api,
+    insert_dataset,
+    insert_job,
+    insert_model,
+)
+from tests.service.helpers import fresh_postgres, migrate
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    with fresh_postgres(POSTGRES_URL) as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Api:
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_database")
+    else:
+        url = f"sqlite:///{tmp_path / 'distill.db'}"
+        migrate(url)
+    return build_api(url, tmp_path)
+
+
+@pytest.fixture
+def setup(api: Api) -> dict[str, str]:
+    """A tenant with a digits teacher, a trainable student model and a digits dataset."""
+    tenant = api.tenant()
+    with api.session() as s:
+        teacher = insert_model(s, tenant.id)
+        onnx = insert_model(s, tenant.id, format="onnx", trainable=False)
+        dataset = insert_dataset(s, tenant.id)
+    return {
+        "teacher": teacher.id,
+        "onnx": onnx.id,
+        "dataset": dataset.id,
+        "key": tenant.key,
+        "tenant": tenant.id,
+    }
+
+
+def _h(setup: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {setup['key']}"}
+
+
+def _spec(setup: dict[str, str], **extra: object) -> dict[str, object]:
+    return {"teacher": {"model_id": setup["teacher"]}, "dataset_id": setup["dataset"], **extra}
+
+
+def _job_count(api: Api, tenant_id: str) -> int:
+    with api.session() as s:
+        return s.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id))
+
+
+def test_create_job_fills_the_spec_queues_and_enqueues(api: Api, setup: dict[str, str]) -> None:
+    r = api.client.post("/v1/jobs", json=_spec(setup, name="digits"), headers=_h(setup))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["id"].startswith("job_") and job["name"] == "digits"
+    assert job["status"] == "queued" and job["attempt"] == 0 and job["queue"] == "cpu"
+    spec = job["spec"]
+    assert spec["task"] == "classification"  # inferred from the labelled dataset
+    assert spec["distillation"]["method"] == "kd"
+    assert spec["student"] == {**spec["student"], "preset": "mlp", "width": 128, "depth": 2}
+    assert job["progress"]["epochs"] == spec["training"]["epochs"] == 20
+    assert job["created_at"].endswith("Z") and job["started_at"] is None
+    assert api.enqueued == [job["id"]]
+
+    with api.session() as s:
+        used = s.scalars(select(JobModel.model_id).where(JobModel.job_id == job["id"])).all()
+    assert used == [setup["teacher"]]
+    events = api.client.get(f"/v1/jobs/{job['id']}/events", headers=_h(setup)).json()
+    assert [(e["seq"], e["type"], e["data"]) for e in events["data"]] == [
+        (1, "status", {"status": "queued"})
+    ]
+    got = api.client.get(f"/v1/jobs/{job['id']}", headers=_h(setup)).json()
+    assert got == job
+
+
+def test_cuda_jobs_go_to_the_gpu_queue(api: Api, setup: dict[str, str]) -> None:
+    r = api.client.post(
+        "/v1/jobs", json=_spec(setup, training={"device": "cuda"}), headers=_h(setup)
+    )
+    assert r.status_code == 201 and r.json()["queue"] == "gpu"
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"colour": "red"}, "invalid_spec", "colour"),
+        ({"teacher": {"model_id": "mdl_missing"}}, "invalid_spec", "teacher.model_id"),
+        ({"teacher": {"path": "teacher.pt2"}}, "invalid_spec", "teacher.path"),
+        ({"dataset_id": "ds_missing"}, "invalid_spec", "dataset_id"),
+        ({"dataset_id": None, "dataset_path": "x.npz"}, "invalid_spec", "dataset_path"),
+        ({"training": {"epochs": 0}}, "invalid_spec", "training.epochs"),
+        ({"student": {"model_id": "ONNX"}}, "invalid_spec", "student.model_id"),
+        ({"teacher": None}, "invalid_spec", "teacher"),
+    ],
+)
+def test_invalid_specs_are_refused_naming_the_field(
+    api: Api, setup: dict[str, str], change: dict[str, object], code: str, field: str
+) -> None:
+    spec = _spec(setup)
+    spec.update(change)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    if spec.get("student") == {"model_id": "ONNX"}:
+        spec["student"] = {"model_id": setup["onnx"]}  # an ONNX model cannot be trained
+    r = api.client.post("/v1/jobs", json=spec, headers=_h(setup))
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert error["details"]["field"] == field
+    assert error["message"]
+    assert _job_count(api, setup["tenant"]) == 0 and api.enqueued == []
+
+
+def test_shape_mismatch_names_the_teacher(api: Api, setup: dict[str, str]) -> None:
+    with api.session() as s:
+        rgb = insert_dataset(s, setup["tenant"], x_shape=[None, 3, 32, 32])
+    r = api.client.post("/v1/jobs", json=_spec(setup, dataset_id=rgb.id), headers=_h(setup))
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "shape_mismatch"
+    assert r.json()["error"]["details"]["field"] == "teacher"
+    assert _job_count(api, setup["tenant"]) == 0 and api.enqueued == []
+
+
+def test_another_tenants_model_is_unknown(api: Api, setup: dict[str, str]) -> None:
+    other = api.tenant()
+    with api.session() as s:
+        theirs = insert_model(s, other.id)
+    r = api.client.post(
+        "/v1/jobs", json=_spec(setup, teacher={"model_id": theirs.id}), headers=_h(setup)
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["details"]["field"] == "teacher.model_id"
+    ensemble = {
+        "teachers": [{"model_id": setup["teacher"]}, {"model_id": theirs.id}],
+        "dataset_id": setup["dataset"],
+    }
+    r = api.client.post("/v1/jobs", json=ensemble, headers=_h(setup))
+    assert r.status_code == 422
+    assert r.json()["error"]["details"]["field"] == "teachers.1.model_id"
+
+
+def test_idempotency_key_returns_the_first_job(api: Api, setup: dict[str, str]) -> None:
+    headers = {**_h(setup), "Idempotency-Key": "abc-123"}
+    first = api.client.post("/v1/jobs", json=_spec(setup), headers=headers)
+    again = api.client.post("/v1/jobs", json=_spec(setup), headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json()
+    assert _job_count(api, setup["tenant"]) == 1 and len(api.enqueued) == 1
+
+    different = api.client.post("/v1/jobs", json=_spec(setup, name="other"), headers=headers)
+    assert different.status_code == 409
+    assert different.json()["error"]["code"] == "conflict"
+    # Keys are per tenant: another tenant may use the same key.
+    other = api.tenant()
+    with api.session() as s:
+        t2 = insert_model(s, other.id)
+        d2 = insert_dataset(s, other.id)
+    r = api.client.post(
+        "/v1/jobs",
+        json={"teacher": {"model_id": t2.id}, "dataset_id": d2.id},
+        headers={**other.headers, "Idempotency-Key": "abc-123"},
+    )
+    assert r.status_code == 201 and r.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_expires_after_a_day(api: Api, setup: dict[str, str]) -> None:
+    from datetime import timedelta
+
+    from core.models import IdempotencyKey, utcnow
+
+    headers = {**_h(setup), "Idempotency-Key": "old"}
+    first = api.client.post("/v1/jobs", json=_spec(setup), headers=headers).json()
+    with api.session() as s:
+        row = s.scalars(select(IdempotencyKey).where(IdempotencyKey.key == "old")).one()
+        row.created_at = utcnow() - timedelta(hours=25)
+        s.commit()
+    second = api.client.post("/v1/jobs", json=_spec(setup), headers=headers)
+    assert second.status_code == 201 and second.json()["id"] != first["id"]
+
+
+def test_list_jobs_newest_first_with_cursor_and_status(api: Api, setup: dict[str, str]) -> None:
+    ids = [
+        api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup)).json()["id"]
+        for _ in range(5)
+    ]
+    api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=_h(setup))
+    page1 = api.client.get("/v1/jobs?limit=2", headers=_h(setup)).json()
+    assert [j["id"] for j in page1["data"]] == ids[::-1][:2] and page1["has_more"]
+    page2 = api.client.get(f"/v1/jobs?limit=2&after={ids[3]}", headers=_h(setup)).json()
+    assert [j["id"] for j in page2["data"]] == [ids[2], ids[1]] and page2["has_more"]
+    page3 = api.client.get(f"/v1/jobs?limit=2&after={ids[1]}", headers=_h(setup)).json()
+    assert [j["id"] for j in page3["data"]] == [ids[0]] and not page3["has_more"]
+    cancelled = api.client.get("/v1/jobs?status=cancelled", headers=_h(setup)).json()
+    assert [j["id"] for j in cancelled["data"]] == [ids[0]]
+    bad = api.client.get("/v1/jobs?status=sleeping", headers=_h(setup))
+    assert bad.status_code == 422 and bad.json()["error"]["details"]["field"] == "status"
+    too_many = api.client.get("/v1/jobs?limit=101", headers=_h(setup))
+    assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "invalid_request"
+
+
+def test_cancel_a_queued_job_is_immediate_and_idempotent(api: Api, setup: dict[str, str]) -> None:
+    job = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup)).json()
+    first = api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(setup))
+    again = api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(setup))
+    assert first.status_code == again.status_code == 200
+    assert first.json()["status"] == again.json()["status"] == "cancelled"
+    assert first.json()["finished_at"] is not None
+    events = api.client.get(f"/v1/jobs/{job['id']}/events", headers=_h(setup)).json()["data"]
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses == ["queued", "cancelled"]
+
+
+def test_delete_model_refused_while_a_job_uses_it(api: Api, setup: dict[str, str]) -> None:
+    job = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup)).json()
+    r = api.client.delete(f"/v1/models/{setup['teacher']}", headers=_h(setup))
+    assert r.status_code == 409 and job["id"] in r.json()["error"]["message"]
+    r = api.client.delete(f"/v1/datasets/{setup['dataset']}", headers=_h(setup))
+    assert r.status_code == 409
+    api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(setup))
+    r = api.client.delete(f"/v1/models/{setup['teacher']}", headers=_h(setup))
+    assert r.status_code == 200 and r.json() == {"id": setup["teacher"], "deleted": True}
+    assert api.client.get(f"/v1/models/{setup['teacher']}", headers=_h(setup)).status_code == 404
+    assert (
+        api.client.delete(f"/v1/datasets/{setup['dataset']}", headers=_h(setup)).status_code == 200
+    )
+
+
+def test_events_after_and_limit(api: Api, setup: dict[str, str]) -> None:
+    with api.session() as s:
+        job = insert_job(s, setup["tenant"])
+        for epoch in range(1, 6):
+            add_event(s, job.id, "metrics", {"epoch": epoch, "train_loss": 1.0 / epoch})
+        s.commit()
+    url = f"/v1/jobs/{job.id}/events"
+    r = api.client.get(f"{url}?after=2&limit=3", headers=_h(setup)).json()
+    assert [e["seq"] for e in r["data"]] == [3, 4, 5] and r["has_more"]
+    assert r["data"][0]["data"] == {"epoch": 2, "train_loss": 0.5}
+    assert r["data"][0]["at"].endswith("Z")
+    r = api.client.get(f"{url}?after=5", headers=_h(setup)).json()
+    assert [e["seq"] for e in r["data"]] == [6] and not r["has_more"]
+
+
+def _read_sse(lines: Iterator[str]) -> list[dict[str, object]]:
+    events, current = [], {}
+    for line in lines:
+        if line == "":
+            if "data" in current:
+                events.append(current)
+            current = {}
+        elif line.startswith("id: "):
+            current["id"] = int(line[4:])
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+    return events
+
+
+def test_event_stream_is_live_and_ends_with_the_final_status(
+    api: Api, setup: dict[str, str]
+) -> None:
+    api.app.state.sse_poll_seconds = 0.05
+    api.app.state.sse_keepalive_seconds = 0.2
+    with api.session() as s:
+        job = insert_job(s, setup["tenant"])
+        add_event(s, job.id, "metrics", {"epoch": 1})
+        s.commit()
+
+    def finish_later() -> None:
+        time.sleep(0.5)
+        with api.session() as s:
+            add_event(s, job.id, "status", {"status": "running"})
+            add_event(s, job.id, "metrics", {"epoch": 2})
+            add_event(s, job.id, "status", {"status": "succeeded"})
+            s.commit()
+
+    writer = threading.Thread(target=finish_later)
+    writer.start()
+    headers = {**_h(setup), "Accept": "text/event-stream", "Last-Event-ID": "1"}
+    started = time.monotonic()
+    with api.client.stream("GET", f"/v1/jobs/{job.id}/events", headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = list(r.iter_lines())
+    events = _read_sse(iter(lines))
+    writer.join()
+    assert ": keep-alive" in lines  # sent while nothing happened
+    assert time.monotonic() - started >= 0.4  # it waited for the live events
+    assert [e["id"] for e in events] == [2, 3, 4, 5]
+    assert events[-1]["data"]["data"] == {"status": "succeeded"}
+
+
+def test_models_and_datasets_lists_page_newest_first(api: Api) -> None:
+    tenant = api.tenant()
+    with api.session() as s:
+        models = [insert_model(s, tenant.id, name=f"m{i}").id for i in range(3)]
+        datasets = [insert_dataset(s, tenant.id).id for _ in range(3)]
+    for kind, ids in (("models", models), ("datasets", datasets)):
+        first = api.client.get(f"/v1/{kind}?limit=2", headers=tenant.headers).json()
+        assert [r["id"] for r in first["data"]] == [ids[2], ids[1]] and first["has_more"]
+        rest = api.client.get(f"/v1/{kind}?limit=2&after={ids[1]}", headers=tenant.headers).json()
+        assert [r["id"] for r in rest["data"]] == [ids[0]] and not rest["has_more"]
+    model = api.client.get(f"/v1/models/{models[0]}", headers=tenant.headers).json()
+    assert model["signature"]["outputs"] == [{"shape": [None, 10], "dtype": "float32"}]
+    assert model["name"] == "m0" and model["created_at"].endswith("Z")
+
+
+def test_a_broker_failure_keeps_the_job_queued(api: Api, setup: dict[str, str]) -> None:
+    def broker_down(session: object, job: object) -> None:
+        raise ConnectionError("broker unreachable")
+
+    api.app.state.enqueue = broker_down
+    r = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup))
+    assert r.status_code == 201 and r.json()["status"] == "queued"
+    # The row is there for the reconciler to send again.
+    assert _job_count(api, setup["tenant"]) == 1
