@@ -1,0 +1,164 @@
+"""`distill worker`, `distill beat` and `distill serve`: the worker side and the whole service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from client.cli import app
+
+QUEUE_NAMES = ("cpu", "gpu", "control")
+
+
+def _queues(value: str) -> list[str]:
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUE_NAMES]
+    if not queues or unknown:
+        raise typer.BadParameter(
+            f"unknown queue {', '.join(unknown) or '(none)'}; use cpu, gpu or cpu,gpu"
+        )
+    return list(dict.fromkeys(queues))
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Queues to take jobs from: cpu, gpu or cpu,gpu.")] = (
+        "cpu"
+    ),
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at the same time.")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a job worker (Celery) configured by DISTILL_* settings."""
+    from worker.celery_app import celery_app, worker_argv
+
+    celery_app.worker_main(worker_argv(_queues(queues), concurrency, loglevel))
+
+
+@app.command()
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run the reconciler: its schedule (Celery beat) and a small worker for the control queue.
+
+    Run exactly one per deployment. The reconciler has its own queue and worker so that it never
+    waits behind long jobs.
+    """
+    from core.config import get_settings
+    from worker.celery_app import celery_app, control_argv
+
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.worker_main(control_argv(loglevel))
+
+
+def _cuda_available() -> bool:
+    # Asked in a child so that the `serve` process itself never initialises CUDA.
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def _migrate(url: str) -> None:
+    from core.schema import upgrade_database
+
+    upgrade_database(url)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind the API to.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where the database, blobs and broker live (default ./.distill)."),
+    ] = None,
+) -> None:
+    """Run the whole service on this machine: API, one worker and the reconciler."""
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["DISTILL_DATA_DIR"] = str(data_dir.resolve())
+    local_only = host in ("127.0.0.1", "localhost", "::1")
+    if "DISTILL_AUTH" not in env and local_only:
+        env["DISTILL_AUTH"] = "off"
+    os.environ.update(env)
+
+    from core.config import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _migrate(settings.database)
+
+    from worker.celery_app import celery_command, control_argv, worker_argv
+
+    queues = ["cpu", "gpu"] if _cuda_available() else ["cpu"]
+    commands = {
+        "api": [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.main:create_app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+        "worker": celery_command(worker_argv(queues, 1, "WARNING")),
+        "reconciler": celery_command(control_argv("WARNING")),
+    }
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    # Children get their own process groups, so Ctrl-C reaches only us and we stop them in order.
+    try:
+        for name, args in commands.items():
+            children[name] = subprocess.Popen(args, env=env, start_new_session=True)
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        typer.echo(f"distill is running at {url}  (API docs: {url}/docs)")
+        typer.echo(f"data: {settings.data_dir.resolve()}  (database, blobs, broker)")
+        if settings.auth == "off":
+            typer.echo("auth is off: no API key needed on this machine")
+        else:
+            typer.echo("auth is on: create a key with `distill keys create --tenant NAME`")
+        typer.echo("press Ctrl-C to stop")
+        _wait(children)
+    except KeyboardInterrupt:
+        typer.echo("stopping…")
+    finally:
+        _stop(children)
+
+
+def _wait(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Block until a child exits (then stop the rest) or Ctrl-C."""
+    while True:
+        for name, proc in children.items():
+            code = proc.poll()
+            if code is not None:
+                typer.echo(f"{name} exited with code {code}; stopping the service", err=True)
+                raise typer.Exit(1)
+        time.sleep(0.5)
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    # The worker gets SIGQUIT (Celery's cold shutdown): a running job is not waited for; it keeps
+    # its last checkpoint and the reconciler re-queues it on the next start.
+    signals = {"worker": signal.SIGQUIT}
+    for name, proc in children.items():
+        if proc.poll() is None:
+            _signal_group(proc, signals.get(name, signal.SIGTERM))
+    deadline = time.monotonic() + timeout
+    for proc in children.values():
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)

@@ -1,0 +1,1 @@
+"""The Celery worker: claims jobs by id, runs the engine in a child process, records outcomes."""

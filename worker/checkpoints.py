@@ -1,0 +1,89 @@
+"""A job's checkpoints in storage, so that a re-queued job resumes on any worker.
+
+The engine writes ``*.pt`` files under its work folder; they are uploaded under
+``jobs/<id>/checkpoints/`` with a manifest naming them (the store has no listing), brought back
+before a run, and deleted once the job is terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SETTLE_SECONDS = 1.0  # upload a checkpoint only once it has not changed for this long
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints/"
+
+
+def download(storage: Any, key: str, dest: Path) -> None:
+    """Copy a blob to a local file."""
+    with storage.local_copy(key) as src:
+        shutil.copyfile(src, dest)
+
+
+def _manifest_key(job_id: str) -> str:
+    return checkpoint_prefix(job_id) + "manifest.json"
+
+
+def _read_manifest(storage: Any, job_id: str) -> list[str]:
+    key = _manifest_key(job_id)
+    if not storage.exists(key):
+        return []
+    with storage.local_copy(key) as path:
+        names = json.loads(Path(path).read_text())
+    # Names come from our own manifest, but never let one escape the work folder.
+    return [n for n in names if isinstance(n, str) and ".." not in Path(n).parts]
+
+
+def restore_checkpoints(storage: Any, job_id: str, work_dir: Path) -> None:
+    """Bring back the checkpoints an earlier attempt uploaded, so the engine resumes."""
+    for name in _read_manifest(storage, job_id):
+        dest = work_dir / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        download(storage, checkpoint_prefix(job_id) + name, dest)
+
+
+def sync_checkpoints(storage: Any, job_id: str, work_dir: Path, seen: dict[str, Any]) -> None:
+    """Upload ``*.pt`` files that are new or changed and have settled; then the manifest."""
+    if not work_dir.exists():
+        return
+    changed = False
+    now = time.time()
+    for path in sorted(work_dir.rglob("*.pt")):
+        stat = path.stat()
+        signature = (stat.st_mtime_ns, stat.st_size)
+        if seen.get(path.relative_to(work_dir).as_posix()) == signature:
+            continue
+        if now - stat.st_mtime < CHECKPOINT_SETTLE_SECONDS:
+            continue  # may still be being written
+        name = path.relative_to(work_dir).as_posix()
+        storage.put_file(checkpoint_prefix(job_id) + name, path)
+        seen[name] = signature
+        changed = True
+    if changed:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+            json.dump(sorted(seen), tmp)
+        try:
+            storage.put_file(_manifest_key(job_id), Path(tmp.name))
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+
+
+def delete_checkpoints(storage: Any, job_id: str) -> None:
+    """Remove a finished job's checkpoints from storage."""
+    try:
+        for name in _read_manifest(storage, job_id):
+            storage.delete(checkpoint_prefix(job_id) + name)
+        if storage.exists(_manifest_key(job_id)):
+            storage.delete(_manifest_key(job_id))
+    except Exception:  # noqa: BLE001 - leftovers cost space, not correctness
+        log.warning("could not delete the checkpoints of %s", job_id, exc_info=True)

@@ -1,0 +1,117 @@
+"""The job process: runs the engine, reports to its parent over a pipe as JSON.
+
+Started with ``spawn`` (never ``fork``: CUDA cannot be initialised in a forked child). It speaks
+JSON only, so the parent never unpickles anything from the process that opened uploaded files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON: non-finite floats → None, arrays and tensors → lists, the rest → text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    # A worker that is killed must not leave its job running: exit once the parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
+    """Entry point of the child: run ``payload['engine']`` and send events and the outcome."""
+    _exit_with_parent()
+    lock = threading.Lock()
+
+    def send(message: dict[str, Any]) -> None:
+        data = json.dumps(jsonable(message)).encode()
+        with lock:
+            conn.send_bytes(data)
+
+    try:
+        module_name, _, func_name = payload["engine"].partition(":")
+        engine = getattr(importlib.import_module(module_name), func_name)
+        outcome = engine(
+            _spec(payload["spec"]),
+            models=_models(payload["models"]),
+            dataset=Path(payload["dataset"]),
+            dataset_options=payload["dataset_options"],
+            out_dir=Path(payload["out_dir"]),
+            work_dir=Path(payload["work_dir"]),
+            progress=lambda event: send({"kind": "event", "type": event.type, "data": event.data}),
+            should_stop=stop_event.is_set,
+        )
+        send(
+            {
+                "kind": "outcome",
+                "result": outcome.result,
+                "history": outcome.history,
+                "artifacts": [
+                    {"name": a.name, "kind": a.kind, "path": str(a.path)} for a in outcome.artifacts
+                ],
+            }
+        )
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error
+        error = _error(exc)
+        if error.get("code") == "internal":
+            traceback.print_exc(file=sys.stderr)
+        with contextlib.suppress(Exception):  # the parent is gone; nothing left to tell
+            send({"kind": "error", "error": error})
+    finally:
+        conn.close()
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    from core.errors import OutOfMemory, job_error
+
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return OutOfMemory(
+            "the GPU ran out of memory; use a smaller batch_size or student"
+        ).to_dict()
+    return job_error(exc)
+
+
+def _spec(data: dict[str, Any]) -> Any:
+    from core.spec import JobSpec
+
+    return JobSpec.model_validate(data)
+
+
+def _models(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from core.distill.types import ModelFile
+
+    return {
+        key: ModelFile(
+            path=Path(m["path"]), format=m["format"], arch=m["arch"], arch_config=m["arch_config"]
+        )
+        for key, m in data.items()
+    }

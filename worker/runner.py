@@ -1,0 +1,467 @@
+"""Run one claimed job: the engine in a spawned child, supervised by the worker.
+
+The parent (this module, inside a Celery task) fetches the inputs into a per-job work folder,
+restores the job's checkpoints from storage so a re-queued job resumes on any worker, starts the
+child, and then, until the child ends: writes its events to the database, uploads new checkpoints,
+renews the lease, watches for a cancel request and enforces ``training.max_minutes``. Nothing
+here imports torch; only the child does.
+
+How a child that ends without an answer is settled:
+
+- stopped by us for a cancel request → ``cancelled``; for the time limit → ``timeout``;
+- killed by a signal while its memory was close to the machine's limit → ``out_of_memory``
+  (not retried: the same job on the same kind of worker would die the same way);
+- killed by a signal otherwise (an operator, a node drain) → left ``running``: its heartbeat
+  stops and the reconciler re-queues it as ``worker_lost`` while attempts remain, so a transient
+  kill is retried from the last checkpoint and a job that keeps killing workers ends failed;
+- exited with a non-zero code and no answer → ``internal``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+from core.errors import InvalidSpec, JobTimeout, OutOfMemory
+from core.jobs import (
+    TERMINAL_STATUSES,
+    NewArtifact,
+    add_event,
+    fail_job,
+    finish_job,
+    heartbeat,
+    mark_cancelled,
+)
+from core.models import Dataset, Job, Model
+from core.spec import JobSpec
+from worker.checkpoints import (
+    delete_checkpoints,
+    download,
+    restore_checkpoints,
+    sync_checkpoints,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINE = "core.distill.pipeline:run_job"
+MODEL_SUFFIX = {
+    "exported_program": ".pt2",
+    "onnx": ".onnx",
+    "safetensors": ".safetensors",
+    "torchscript": ".pt",
+}
+CANCEL_POLL_SECONDS = 0.5
+PROGRESS_EVERY_SECONDS = 1.0
+CHECKPOINT_SCAN_SECONDS = 2.0
+STOP_GRACE_SECONDS = 1.5  # after asking the child to stop, before SIGTERM
+KILL_GRACE_SECONDS = 1.0  # after SIGTERM, before SIGKILL
+EXIT_GRACE_SECONDS = 10.0  # after the child closed its pipe, before SIGKILL
+TIMEOUT_SLACK_SECONDS = 5.0  # the engine enforces max_minutes itself; this is the backstop
+
+
+def artifact_key(job_id: str, attempt: int, name: str) -> str:
+    return f"jobs/{job_id}/attempt-{attempt}/{name}"
+
+
+@dataclass
+class _Watch:
+    """What the parent knows about the child while it runs."""
+
+    outcome: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    stop_reason: str | None = None  # cancel | timeout | lost
+    stop_asked_at: float | None = None
+    terminated_at: float | None = None
+    last_rss: int = 0
+    last_available: int = 0
+    pending_progress: dict[str, Any] | None = None
+    exitcode: int | None = None
+    checkpoints: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def run_claimed_job(
+    job_id: str,
+    owner: str,
+    *,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    storage: Any | None = None,
+    engine: str = ENGINE,
+) -> str:
+    """Run a job this worker has claimed; record how it ended; return the final status.
+
+    The return value is ``succeeded``, ``failed``, ``cancelled``, ``lost`` (another actor owns
+    the job now) or ``left`` (the child was killed; the reconciler settles it). Errors found
+    before the child starts (a deleted model, an unreadable blob) are raised for the task to
+    record.
+    """
+    if storage is None:
+        storage = open_storage(settings)
+    work = (settings.data_dir / "work" / job_id).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with session_factory() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise InvalidSpec(f"job {job_id} does not exist", field="job_id")
+            payload = _prepare(session, job, storage, work, engine)
+            attempt = job.attempt
+        restore_checkpoints(storage, job_id, Path(payload["work_dir"]))
+        watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
+        return _settle(job_id, owner, attempt, watch, payload, session_factory, storage)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with session_factory() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status in TERMINAL_STATUSES:
+            delete_checkpoints(storage, job_id)
+
+
+def open_storage(settings: Settings) -> Any:
+    """The blob store named by the settings."""
+    from core.storage import get_storage
+
+    return get_storage(settings.storage, s3_endpoint_url=settings.s3_endpoint_url)
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def _prepare(session: Session, job: Job, storage: Any, work: Path, engine: str) -> dict[str, Any]:
+    """Download the job's models and dataset; the child's payload."""
+    spec = JobSpec.model_validate(job.spec)
+    ids = [ref.model_id for ref in spec.teacher_refs() if ref.model_id]
+    ids += [s.student.model_id for s in spec.chain() if s.student.model_id]
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True)
+    models: dict[str, dict[str, Any]] = {}
+    for model_id in dict.fromkeys(ids):
+        model = session.scalar(
+            select(Model).where(Model.id == model_id, Model.tenant_id == job.tenant_id)
+        )
+        if model is None:
+            raise InvalidSpec(
+                f"model {model_id} no longer exists; upload it again and submit a new job",
+                field="teacher",
+            )
+        path = inputs / f"{model.id}{MODEL_SUFFIX.get(model.format, '')}"
+        download(storage, model.storage_key, path)
+        models[model_id] = {
+            "path": str(path),
+            "format": model.format,
+            "arch": model.arch,
+            "arch_config": model.arch_config,
+        }
+    dataset = session.scalar(
+        select(Dataset).where(Dataset.id == spec.dataset_id, Dataset.tenant_id == job.tenant_id)
+    )
+    if dataset is None:
+        raise InvalidSpec(
+            f"dataset {spec.dataset_id} no longer exists; upload it again and submit a new job",
+            field="dataset_id",
+        )
+    # The engine reads the format from the file name.
+    data_path = inputs / f"dataset.{dataset.format}"
+    download(storage, dataset.storage_key, data_path)
+    return {
+        "engine": engine,
+        "spec": job.spec,
+        "models": models,
+        "dataset": str(data_path),
+        "dataset_options": dict(dataset.options or {}),
+        "out_dir": str(work / f"out-{job.attempt}"),
+        "work_dir": str(work / "checkpoints"),
+        "max_seconds": spec.training.max_minutes * 60,
+    }
+
+
+# --- the child and its supervision -----------------------------------------------------------
+
+
+def _supervise(
+    job_id: str,
+    owner: str,
+    payload: dict[str, Any],
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    storage: Any,
+) -> _Watch:
+    from worker.child import main as child_main
+
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    stop_event = ctx.Event()
+    proc = ctx.Process(
+        target=child_main, args=(payload, writer, stop_event), name=f"distill-{job_id}"
+    )
+    proc.start()
+    writer.close()  # only the child writes; our copy would hide its end of file
+    watch = _Watch()
+    work_dir = Path(payload["work_dir"])
+    started = time.monotonic()
+    deadline = started + payload["max_seconds"] + TIMEOUT_SLACK_SECONDS
+    next_poll = next_beat = next_progress = next_scan = started
+    eof, eof_at = False, 0.0
+    try:
+        while True:
+            if not eof:
+                try:
+                    if reader.poll(0.1):
+                        _handle(
+                            json.loads(reader.recv_bytes()), job_id, owner, watch, session_factory
+                        )
+                except (EOFError, OSError):
+                    eof, eof_at = True, time.monotonic()
+            else:
+                proc.join(0.1)
+                if proc.is_alive() and time.monotonic() - eof_at > EXIT_GRACE_SECONDS:
+                    proc.kill()  # it said all it had to say but does not exit
+            if eof and not proc.is_alive():
+                break
+            now = time.monotonic()
+            if watch.stop_reason is None:
+                if now >= next_poll:
+                    next_poll = now + CANCEL_POLL_SECONDS
+                    _sample_memory(proc.pid, watch)
+                    watch.stop_reason = _should_stop(job_id, owner, session_factory)
+                if watch.stop_reason is None and now >= next_beat:
+                    next_beat = now + settings.heartbeat_seconds
+                    with session_factory() as session:
+                        if not heartbeat(session, job_id, owner, settings.lease_seconds):
+                            watch.stop_reason = _should_stop(job_id, owner, session_factory)
+                            watch.stop_reason = watch.stop_reason or "lost"
+                if watch.stop_reason is None and now >= deadline:
+                    watch.stop_reason = "timeout"
+                if watch.stop_reason is not None:
+                    log.info("stopping %s: %s", job_id, watch.stop_reason)
+                    stop_event.set()
+                    watch.stop_asked_at = now
+            else:
+                _escalate(proc, watch, now)
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY_SECONDS
+                _flush_progress(job_id, owner, watch, session_factory)
+            if now >= next_scan and watch.stop_reason is None:
+                next_scan = now + CHECKPOINT_SCAN_SECONDS
+                sync_checkpoints(storage, job_id, work_dir, watch.checkpoints)
+        _flush_progress(job_id, owner, watch, session_factory)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        reader.close()
+    watch.exitcode = proc.exitcode
+    return watch
+
+
+def _escalate(proc: Any, watch: _Watch, now: float) -> None:
+    """After a stop request: SIGTERM once the grace period is over, then SIGKILL."""
+    if not proc.is_alive() or watch.stop_asked_at is None:
+        return
+    if watch.terminated_at is None and now - watch.stop_asked_at >= STOP_GRACE_SECONDS:
+        proc.terminate()
+        watch.terminated_at = now
+    elif watch.terminated_at is not None and now - watch.terminated_at >= KILL_GRACE_SECONDS:
+        proc.kill()
+
+
+def _handle(
+    message: dict[str, Any],
+    job_id: str,
+    owner: str,
+    watch: _Watch,
+    session_factory: sessionmaker[Session],
+) -> None:
+    kind = message.get("kind")
+    if kind == "outcome":
+        watch.outcome = message
+    elif kind == "error":
+        watch.error = message.get("error") or {"code": "internal", "message": "unknown error"}
+    elif kind == "event":
+        event_type, data = message.get("type"), message.get("data") or {}
+        if event_type == "progress":
+            watch.pending_progress = data  # written at most once a second
+        elif event_type == "metrics":
+            with session_factory() as session:
+                if _owned_update(session, job_id, owner, metrics=data):
+                    add_event(session, job_id, "metrics", data)
+                session.commit()
+        elif event_type == "log":
+            with session_factory() as session:
+                add_event(session, job_id, "log", data)
+                session.commit()
+
+
+def _owned_update(session: Session, job_id: str, owner: str, **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def _flush_progress(
+    job_id: str, owner: str, watch: _Watch, session_factory: sessionmaker[Session]
+) -> None:
+    if watch.pending_progress is None:
+        return
+    with session_factory() as session:
+        _owned_update(session, job_id, owner, progress=watch.pending_progress)
+        session.commit()
+    watch.pending_progress = None
+
+
+def _should_stop(job_id: str, owner: str, session_factory: sessionmaker[Session]) -> str | None:
+    with session_factory() as session:
+        row = session.execute(
+            select(Job.status, Job.cancel_requested, Job.lease_owner).where(Job.id == job_id)
+        ).first()
+    if row is None:
+        return "lost"
+    status, cancel_requested, lease_owner = row
+    if lease_owner != owner or status not in ("running", "cancelling"):
+        return "lost"
+    if cancel_requested or status == "cancelling":
+        return "cancel"
+    return None
+
+
+def _sample_memory(pid: int | None, watch: _Watch) -> None:
+    with suppress(psutil.Error, TypeError):
+        proc = psutil.Process(pid)
+        rss = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            with suppress(psutil.Error):
+                rss += child.memory_info().rss
+        watch.last_rss = rss
+        watch.last_available = psutil.virtual_memory().available
+
+
+def memory_limit_bytes() -> int:
+    """The memory a job can use here: the cgroup's limit when there is one, else physical RAM."""
+    total = psutil.virtual_memory().total
+    with suppress(OSError, ValueError):
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text != "max":
+            return min(total, int(text))
+    return total
+
+
+def looks_out_of_memory(rss: int, available: int, limit: int) -> bool:
+    """Whether a child killed by a signal was probably killed for memory (sampled heuristic)."""
+    return rss >= 0.8 * limit or available <= 0.05 * limit
+
+
+# --- the end ---------------------------------------------------------------------------------
+
+
+def _settle(
+    job_id: str,
+    owner: str,
+    attempt: int,
+    watch: _Watch,
+    payload: dict[str, Any],
+    session_factory: sessionmaker[Session],
+    storage: Any,
+) -> str:
+    exitcode = watch.exitcode
+    with session_factory() as session:
+        if watch.stop_reason == "lost":
+            return "lost"
+        if watch.stop_reason == "cancel":
+            return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
+        if watch.stop_reason == "timeout":
+            minutes = payload["max_seconds"] / 60
+            error = JobTimeout(
+                f"the job ran longer than training.max_minutes ({minutes:g}); raise max_minutes "
+                "or use fewer epochs or a smaller student"
+            ).to_dict()
+            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+        if watch.outcome is not None and exitcode == 0:
+            return _succeed(session, job_id, owner, attempt, watch.outcome, payload, storage)
+        if watch.error is not None:
+            if _cancel_requested(session, job_id):
+                return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
+            return "failed" if fail_job(session, job_id, watch.error, owner=owner) else "lost"
+        if exitcode is not None and exitcode < 0:
+            if looks_out_of_memory(watch.last_rss, watch.last_available, memory_limit_bytes()):
+                error = OutOfMemory(
+                    f"the job process was killed while using {watch.last_rss / 2**20:.0f} MiB, "
+                    "close to this worker's memory; use a smaller batch_size or student, or a "
+                    "worker with more memory"
+                ).to_dict()
+                return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+            log.warning(
+                "the process of %s was killed by signal %d; the reconciler will retry it",
+                job_id,
+                -exitcode,
+            )
+            return "left"
+        error = {
+            "code": "internal",
+            "message": f"the job process exited with code {exitcode} without a result",
+        }
+        return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+
+
+def _cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def _succeed(
+    session: Session,
+    job_id: str,
+    owner: str,
+    attempt: int,
+    outcome: dict[str, Any],
+    payload: dict[str, Any],
+    storage: Any,
+) -> str:
+    out_dir = Path(payload["out_dir"]).resolve()
+    uploaded: list[NewArtifact] = []
+    try:
+        for item in outcome.get("artifacts", []):
+            path = Path(item["path"]).resolve()
+            if not path.is_relative_to(out_dir) or not path.is_file():
+                raise RuntimeError(f"the engine named an artifact outside its folder: {path}")
+            key = artifact_key(job_id, attempt, path.name)
+            blob = storage.put_file(key, path)
+            uploaded.append(
+                NewArtifact(
+                    name=str(item["name"]),
+                    kind=str(item["kind"]),
+                    size_bytes=blob.size,
+                    sha256=blob.sha256,
+                    storage_key=blob.key,
+                )
+            )
+        if finish_job(session, job_id, owner, outcome.get("result") or {}, uploaded):
+            return "succeeded"
+    except BaseException:
+        _delete_blobs(storage, uploaded)
+        raise
+    # Not ours to finish: cancelled meanwhile (keep no artifacts) or the lease was lost.
+    _delete_blobs(storage, uploaded)
+    if _cancel_requested(session, job_id):
+        return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
+    return "lost"
+
+
+def _delete_blobs(storage: Any, artifacts: list[NewArtifact]) -> None:
+    for item in artifacts:
+        with suppress(Exception):
+            storage.delete(item.storage_key)
