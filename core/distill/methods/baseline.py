@@ -1,0 +1,71 @@
+"""The no-teacher baseline: the student trained on the labels alone.
+
+    loss = CE(s, y) over the labeled samples (classification) or MSE(s, y) (regression)
+
+It tells what distillation added: a job reports the distilled student next to this one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from core.distill.methods import register_method
+from core.distill.methods.base import DistillMethod, Losses, hard_loss
+from core.distill.types import Teacher
+from core.spec import (
+    AttentionMethod,
+    DKDMethod,
+    FitNetMethod,
+    KDMethod,
+    MSEMethod,
+    RKDMethod,
+    StrictModel,
+)
+
+
+class BaselineSpec(StrictModel):
+    """Labels only, no teacher."""
+
+    method: Literal["baseline"] = "baseline"
+
+
+AnyMethodSpec = Annotated[
+    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod | BaselineSpec,
+    Field(discriminator="method"),
+]
+
+
+@register_method("baseline")
+class Baseline(DistillMethod):
+    needs_teacher = False
+
+    def __init__(
+        self,
+        spec: BaselineSpec,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None,
+        task: str,
+        n_classes: int | None,
+        epochs: int,
+    ) -> None:
+        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+
+    def compute(
+        self,
+        out: Tensor,
+        feats: dict[str, Tensor],
+        y: Tensor | None,
+        teacher_out: Tensor | None,
+        teacher_feats: dict[str, Tensor],
+        epoch: int,
+    ) -> Losses:
+        hard = hard_loss(out, y, self.task)
+        if hard is None:
+            # No label in this batch (the trainer keeps labeled rows only, so: validation).
+            zero = out.float().sum() * 0.0
+            return {"loss": zero, "ce": zero}
+        return {"loss": hard, "ce": hard}

@@ -1,0 +1,57 @@
+"""Knowledge distillation, Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
+Network" (arXiv:1503.02531).
+
+    loss = alpha · T² · KL(softmax(t / T) ‖ softmax(s / T)) + (1 - alpha) · CE(s, y)
+
+KL is averaged over the batch (``reduction="batchmean"``); T² keeps the gradient scale
+independent of T. CE covers the labeled samples of the batch (label -1 is unlabeled); a batch
+without labels is pure distillation: ``T² · KL``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from core.distill.methods import register_method
+from core.distill.methods.base import DistillMethod, Losses, output_kd
+from core.distill.types import Teacher
+from core.errors import InvalidSpec
+from core.spec import KDMethod
+
+
+@register_method("kd")
+class KD(DistillMethod):
+    def __init__(
+        self,
+        spec: KDMethod,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None,
+        task: str,
+        n_classes: int | None,
+        epochs: int,
+    ) -> None:
+        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        if teacher is None:
+            raise InvalidSpec("method 'kd' needs a teacher", field="distillation.method")
+        if task != "classification":
+            raise InvalidSpec(
+                "method 'kd' needs class logits; use 'mse' for regression",
+                field="distillation.method",
+            )
+        self.temperature = spec.temperature
+        self.alpha = spec.alpha
+
+    def compute(
+        self,
+        out: Tensor,
+        feats: dict[str, Tensor],
+        y: Tensor | None,
+        teacher_out: Tensor | None,
+        teacher_feats: dict[str, Tensor],
+        epoch: int,
+    ) -> Losses:
+        assert teacher_out is not None
+        return output_kd(
+            out, y, teacher_out, task=self.task, temperature=self.temperature, alpha=self.alpha
+        )

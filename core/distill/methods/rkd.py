@@ -1,0 +1,89 @@
+"""Relational knowledge distillation, Park et al. 2019, "Relational Knowledge Distillation"
+(CVPR 2019, arXiv:1904.05068), trained jointly with output KD.
+
+On the penultimate embeddings e (one vector per sample) of a batch:
+
+    ψ_D(i, j)    = ‖e_i - e_j‖₂ / μ,  μ the mean distance over pairs i ≠ j
+    ψ_A(i, j, k) = ⟨(e_i - e_j)/‖e_i - e_j‖, (e_k - e_j)/‖e_k - e_j‖⟩
+    loss = output_kd + distance_weight · Huber(ψ_D^s, ψ_D^t) + angle_weight · Huber(ψ_A^s, ψ_A^t)
+
+Huber is smooth L1 with δ = 1, averaged over all pairs / triplets. The angle term uses at most
+the first 64 samples of a batch: its memory grows as N²·d.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.distill.methods import register_method
+from core.distill.methods.base import DistillMethod, Losses, as_vector, output_kd, resolve_hints
+from core.distill.types import Teacher
+from core.spec import RKDMethod
+
+ANGLE_SAMPLES = 64
+
+
+@register_method("rkd")
+class RKD(DistillMethod):
+    def __init__(
+        self,
+        spec: RKDMethod,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None,
+        task: str,
+        n_classes: int | None,
+        epochs: int,
+    ) -> None:
+        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        self.spec = spec
+        self.needs_features = resolve_hints([], student, teacher, "rkd")
+
+    def compute(
+        self,
+        out: Tensor,
+        feats: dict[str, Tensor],
+        y: Tensor | None,
+        teacher_out: Tensor | None,
+        teacher_feats: dict[str, Tensor],
+        epoch: int,
+    ) -> Losses:
+        assert teacher_out is not None
+        spec = self.spec
+        pair = self.needs_features[0]
+        e_s = as_vector(feats[pair.student])
+        e_t = as_vector(teacher_feats[pair.teacher])
+        losses = output_kd(
+            out, y, teacher_out, task=self.task, temperature=spec.temperature, alpha=spec.alpha
+        )
+        if len(e_s) < 3:  # no pairs or angles to compare
+            zero = e_s.sum() * 0.0
+            distance, angle = zero, zero
+        else:
+            distance = F.smooth_l1_loss(distances(e_s), distances(e_t))
+            n = min(len(e_s), ANGLE_SAMPLES)
+            angle = F.smooth_l1_loss(angles(e_s[:n]), angles(e_t[:n]))
+        losses["distance"] = distance
+        losses["angle"] = angle
+        losses["loss"] = (
+            losses["loss"] + spec.distance_weight * distance + spec.angle_weight * angle
+        )
+        return losses
+
+
+def distances(e: Tensor) -> Tensor:
+    """Pairwise Euclidean distances (N, N) divided by their mean over i ≠ j."""
+    n = len(e)
+    sq = e.pow(2).sum(1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp_min(1e-12).sqrt()
+    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
+    d = d * off
+    return d / d[off].mean().clamp_min(1e-12)
+
+
+def angles(e: Tensor) -> Tensor:
+    """Cosines of the angles ∠(e_i, e_j, e_k) for all triplets, flattened (N³,)."""
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()

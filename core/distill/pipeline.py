@@ -1,0 +1,707 @@
+"""The engine's one entry point: a completed job from files on disk to measured artifacts.
+
+:func:`run_job` loads the teacher(s) and the transfer set, completes the spec, distils the chain
+of stages (teacher → assistant → … → student), trains a labels-only baseline beside it, applies
+compression, evaluates teacher and student on the validation split, and exports the student.
+The worker and ``distill run`` both call it; it knows nothing of HTTP, Celery or the database.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.distill.types import (
+    Artifact,
+    Event,
+    JobOutcome,
+    ModelFile,
+    ProgressFn,
+    StopFn,
+    Teacher,
+    TransferSet,
+)
+from core.errors import Cancelled, ClientError, InvalidSpec, ShapeMismatch
+from core.spec import (
+    JobSpec,
+    KDMethod,
+    ModelInfo,
+    ModelRef,
+    MSEMethod,
+    StageSpec,
+    StudentSpec,
+    TensorInfo,
+    complete_spec,
+)
+
+# Artifact file names and kinds (API.md, "Artifacts").
+EXPORTS: dict[str, list[tuple[str, str]]] = {
+    "torchscript": [("student.pt", "student_torchscript")],
+    "onnx": [("student.onnx", "student_onnx")],
+    "safetensors": [
+        ("student.safetensors", "student_safetensors"),
+        ("student.arch.json", "student_arch"),
+    ],
+}
+EVAL_BATCH = 512
+
+
+def model_key(ref: ModelRef | StudentSpec) -> str:
+    """The key of a model reference in ``run_job``'s ``models`` mapping."""
+    key = ref.model_id or ref.path
+    if key is None:
+        raise InvalidSpec("a model reference needs a model_id or a path", field="teacher")
+    return key
+
+
+@dataclass
+class _Reporter:
+    """Wraps the caller's progress callback for the whole job.
+
+    The trainer reports each stage's fraction from 0 to 1; this turns it into the job's
+    fraction (stage ``k`` of ``n`` covers ``(k-1)/n .. k/n``, so it only grows), extends the
+    ETA to the stages still to come, labels events with the running stage, and keeps the
+    metric history of every stage (epochs restored from a checkpoint included).
+    """
+
+    progress: ProgressFn
+    history: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+    stage_started: float = 0.0
+
+    def start(self, label: str) -> None:
+        self.label = label
+        self.stage_started = time.monotonic()
+
+    def __call__(self, event: Event) -> None:
+        data = dict(event.data)
+        if event.type == "progress":
+            stage, stages = int(data.get("stage", 1)), int(data.get("stages", 1))
+            within = float(data.get("fraction") or 0.0)
+            data["stage_fraction"] = within
+            data["fraction"] = round((stage - 1 + within) / stages, 4)
+            eta = data.get("eta_seconds")
+            if eta is not None and within > 0:
+                per_stage = (time.monotonic() - self.stage_started) / within
+                data["eta_seconds"] = round(float(eta) + (stages - stage) * per_stage, 1)
+            data["label"] = self.label
+        elif event.type == "metrics":
+            data["label"] = self.label
+        self.progress(Event(event.type, data))
+
+    def keep(self, rows: list[dict[str, Any]]) -> None:
+        """A finished stage's epochs (those restored from a checkpoint too) for the report."""
+        self.history.extend({**row, "label": self.label} for row in rows)
+
+    def stage_done(self, stage: int, stages: int) -> None:
+        """A stage that stopped early still moves the job's fraction to its end."""
+        self.progress(
+            Event(
+                "progress",
+                {
+                    "stage": stage,
+                    "stages": stages,
+                    "fraction": round(stage / stages, 4),
+                    "stage_fraction": 1.0,
+                    "eta_seconds": None,
+                    "label": self.label,
+                },
+            )
+        )
+
+    def log(self, message: str) -> None:
+        self.progress(Event("log", {"message": message}))
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    models: dict[str, ModelFile],
+    dataset: Path,
+    dataset_options: dict[str, Any] | None = None,
+    out_dir: Path,
+    work_dir: Path,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> JobOutcome:
+    """Run one distillation job; write its artifacts into ``out_dir`` (all of them, or none).
+
+    ``models`` maps every model reference of the spec (``model_id``, or ``path`` for local runs)
+    to a file on disk. ``work_dir`` holds checkpoints: a re-run with the same one resumes.
+    Raises ClientError subclasses for problems found only now and JobError subclasses for a
+    job that ran and failed.
+    """
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        outcome = _run(
+            spec,
+            models=models,
+            dataset=Path(dataset),
+            dataset_options=dict(dataset_options or {}),
+            staging=staging,
+            work_dir=work_dir,
+            report=_Reporter(progress or (lambda _e: None)),
+            should_stop=should_stop or (lambda: False),
+        )
+        outcome.artifacts = _publish(staging, out_dir, outcome.artifacts)
+        return outcome
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(
+    spec: JobSpec,
+    *,
+    models: dict[str, ModelFile],
+    dataset: Path,
+    dataset_options: dict[str, Any],
+    staging: Path,
+    work_dir: Path,
+    report: _Reporter,
+    should_stop: StopFn,
+) -> JobOutcome:
+    from core.distill import evaluate, export
+    from core.distill.data import dataset_info, load_transfer_set
+    from core.distill.trainer import resolve_device
+
+    started = time.monotonic()
+    training = spec.training
+    device = resolve_device(training.device)
+    torch.manual_seed(training.seed)
+
+    data = load_transfer_set(
+        dataset, options=dataset_options, val_fraction=training.val_fraction, seed=training.seed
+    )
+    if len(data.x_val) == 0:
+        raise InvalidSpec(
+            "the job has no validation samples to measure the student on; set "
+            "training.val_fraction above 0 or give x_val in the dataset",
+            field="training.val_fraction",
+        )
+    teachers, infos = _load_teachers(spec, models, data, device)
+    spec = complete_spec(spec, infos, dataset_info(data))
+    task = spec.task
+    assert task is not None
+    teacher = _ensemble(spec, teachers, task)
+    _check_stop(should_stop)
+
+    chain = spec.chain()
+    with_baseline = bool(training.baseline and data.has_labels)
+    stages = len(chain) + int(with_baseline)
+    x_val = data.x_val
+    teacher_val = _teacher_outputs(teacher, x_val, device)
+    out_dim = int(teacher_val.shape[-1]) if teacher_val.dim() > 1 else 1
+    n_classes = data.n_classes or (out_dim if task == "classification" else None)
+
+    # The chain: each stage learns from the one before (the first from the teacher).
+    current: Teacher = teacher
+    student: nn.Module | None = None
+    stage_results: list[dict[str, Any]] = []
+    measured: tuple[dict[str, Any], torch.Tensor] | None = None
+    for i, stage in enumerate(chain):
+        student = _distil_stage(
+            stage,
+            index=i,
+            stages=stages,
+            teacher=current,
+            spec=spec,
+            models=models,
+            data=data,
+            out_dim=out_dim,
+            n_classes=n_classes,
+            work_dir=work_dir,
+            report=report,
+            should_stop=should_stop,
+        )
+        measured = _measure(student, data, teacher_val, task, device)
+        method = (stage.distillation or spec.distillation or _default_method(task)).method
+        stage_results.append(
+            {
+                "stage": i + 1,
+                "student": stage.student.model_dump(exclude_none=True),
+                "method": method,
+                **measured[0],
+            }
+        )
+        if i + 1 < len(chain):
+            current = _as_teacher(student, data, out_dim)
+    assert student is not None and measured is not None
+
+    baseline: dict[str, Any] | None = None
+    if with_baseline:
+        baseline_model = _train_baseline(
+            chain[-1],
+            stages=stages,
+            teacher=teacher,
+            spec=spec,
+            models=models,
+            data=data,
+            out_dim=out_dim,
+            n_classes=n_classes,
+            work_dir=work_dir,
+            report=report,
+            should_stop=should_stop,
+        )
+        baseline = _measure(baseline_model, data, teacher_val, task, device)[0]
+
+    compression: list[dict[str, Any]] = []
+    if spec.compression.prune is not None or spec.compression.quantize != "none":
+        student, measured, compression = _compress(
+            student, measured, spec, data, teacher_val, task, device, report
+        )
+    _check_stop(should_stop)
+    student_metrics, student_val = measured
+
+    report.log("measuring the teacher on the validation split")
+    teacher_metrics = _teacher_metrics(teacher, data, teacher_val, task, device)
+    result: dict[str, Any] = {
+        "teacher": teacher_metrics,
+        "student": student_metrics,
+        **evaluate.compare(teacher_metrics, student_metrics),
+        "task": task,
+        "method": stage_results[-1]["method"],
+        "device": str(device),
+        "stages": stage_results,
+        "compression": compression,
+    }
+    if baseline is not None:
+        result["baseline"] = baseline
+    _check_stop(should_stop)
+
+    artifacts, checks = _export(
+        student, spec, data, teacher_val, student_val, staging=staging, report=report
+    )
+    result["export"] = checks
+    result["seconds"] = round(time.monotonic() - started, 3)
+    report_path = staging / "report.json"
+    export.write_report(report_path, result, report.history, spec.model_dump(mode="json"))
+    artifacts.append(Artifact("report.json", "report", report_path))
+    return JobOutcome(result=result, history=report.history, artifacts=artifacts)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def _load_teachers(
+    spec: JobSpec, models: dict[str, ModelFile], data: TransferSet, device: torch.device
+) -> tuple[list[Teacher], list[ModelInfo]]:
+    """Each teacher of the spec and its signature, probed on real inputs."""
+    from core.distill.teachers import load_teacher
+
+    field = "teachers" if spec.teachers is not None else "teacher"
+    loaded: list[Teacher] = []
+    infos: list[ModelInfo] = []
+    for i, ref in enumerate(spec.teacher_refs()):
+        where = f"{field}.{i}" if spec.teachers is not None else field
+        key = model_key(ref)
+        if key not in models:
+            raise InvalidSpec(f"no model file was given for '{key}'", field=where)
+        teacher = load_teacher(models[key], device, input_shape=tuple(data.x_train.shape[1:]))
+        infos.append(_probe(teacher, data, where, device))
+        loaded.append(teacher)
+    return loaded, infos
+
+
+def _ensemble(spec: JobSpec, teachers: list[Teacher], task: str) -> Teacher:
+    """One teacher as is; several as their weighted ensemble."""
+    from core.distill.teachers import EnsembleTeacher
+
+    if len(teachers) == 1:
+        return teachers[0]
+    weights = [ref.weight for ref in spec.teacher_refs()]
+    return EnsembleTeacher(teachers, weights, task=task)
+
+
+def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device) -> ModelInfo:
+    """Run the teacher on two real inputs: a shape its signature did not reveal fails here."""
+    sample = data.x_train[:2].to(device)
+    declared = teacher.info.inputs[0].shape if teacher.info.inputs else None
+    if declared is not None and not _fits(declared[1:], list(sample.shape[1:])):
+        raise ShapeMismatch(
+            f"the teacher takes inputs of shape {['N', *declared[1:]]} but the dataset's x has "
+            f"shape {['N', *sample.shape[1:]]}; upload a dataset shaped like the teacher's input",
+            field=field,
+        )
+    try:
+        out = teacher.predict(sample)
+    except ClientError:
+        raise
+    except Exception as exc:  # the teacher's own code failed on these inputs
+        raise ShapeMismatch(
+            f"the teacher cannot run on the dataset's inputs of shape "
+            f"{['N', *data.x_train.shape[1:]]} ({type(exc).__name__}: {_first_line(exc)}); "
+            "upload a dataset shaped like the teacher's input",
+            field=field,
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != len(sample):
+        raise ShapeMismatch(
+            "the teacher must return one tensor with the batch as its first dimension",
+            field=field,
+        )
+    info = teacher.info
+    return ModelInfo(
+        format=info.format,
+        inputs=[TensorInfo(shape=[None, *sample.shape[1:]], dtype=_dtype(sample))],
+        outputs=[TensorInfo(shape=[None, *out.shape[1:]], dtype=_dtype(out))],
+        trainable=info.trainable,
+        arch=info.arch,
+    )
+
+
+def _teacher_outputs(teacher: Teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Teacher outputs for ``x`` in batches, on the CPU, as float32."""
+    parts = [
+        teacher.predict(x[i : i + EVAL_BATCH].to(device)).detach().float().cpu()
+        for i in range(0, len(x), EVAL_BATCH)
+    ]
+    return torch.cat(parts)
+
+
+def _as_teacher(module: nn.Module, data: TransferSet, out_dim: int) -> Teacher:
+    """A trained assistant, frozen, as the teacher of the next stage."""
+    from core.distill.teachers import ModuleTeacher
+
+    x = data.x_train
+    info = ModelInfo(
+        format="module",
+        inputs=[TensorInfo(shape=[None, *x.shape[1:]], dtype=_dtype(x))],
+        outputs=[TensorInfo(shape=[None, out_dim], dtype="float32")],
+        trainable=True,
+        arch=getattr(module, "distill_arch", {}).get("name"),
+    )
+    return ModuleTeacher(module.eval(), info)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _build(
+    student: StudentSpec,
+    *,
+    models: dict[str, ModelFile],
+    data: TransferSet,
+    out_dim: int,
+    teacher: Teacher,
+    seed: int,
+) -> nn.Module:
+    """A fresh student for a stage (an uploaded one is loaded from its file each time)."""
+    from core.distill.students import build_student
+
+    model_file = None
+    if student.model_id is not None or student.path is not None:
+        key = model_key(student)
+        if key not in models:
+            raise InvalidSpec(f"no model file was given for student '{key}'", field="student")
+        model_file = models[key]
+    torch.manual_seed(seed)
+    return build_student(
+        student,
+        input_shape=tuple(data.x_train.shape[1:]),
+        input_dtype=data.x_train.dtype,
+        output_dim=out_dim,
+        teacher=teacher,
+        model_file=model_file,
+    )
+
+
+def _distil_stage(
+    stage: StageSpec,
+    *,
+    index: int,
+    stages: int,
+    teacher: Teacher,
+    spec: JobSpec,
+    models: dict[str, ModelFile],
+    data: TransferSet,
+    out_dim: int,
+    n_classes: int | None,
+    work_dir: Path,
+    report: _Reporter,
+    should_stop: StopFn,
+) -> nn.Module:
+    from core.distill.methods import build_method
+    from core.distill.trainer import train
+
+    _check_stop(should_stop)
+    method_spec = stage.distillation or spec.distillation
+    student = _build(
+        stage.student,
+        models=models,
+        data=data,
+        out_dim=out_dim,
+        teacher=teacher,
+        seed=spec.training.seed + index,
+    )
+    method = build_method(
+        method_spec,
+        student=student,
+        teacher=teacher,
+        task=spec.task,
+        n_classes=n_classes,
+        epochs=spec.training.epochs,
+    )
+    label = f"stage {index + 1}/{len(spec.chain())}"
+    report.start(label)
+    report.log(f"{label}: distilling a {_describe(stage.student)} student ({method_spec.method})")
+    result = train(
+        student,
+        method,
+        data,
+        teacher,
+        spec.training,
+        task=spec.task,
+        stage=index + 1,
+        stages=stages,
+        progress=report,
+        should_stop=should_stop,
+        checkpoint_dir=work_dir / f"stage{index + 1}",
+        label=label,
+    )
+    report.keep(result.history)
+    report.stage_done(index + 1, stages)
+    return result.model.eval()
+
+
+def _train_baseline(
+    final: StageSpec,
+    *,
+    stages: int,
+    teacher: Teacher,
+    spec: JobSpec,
+    models: dict[str, ModelFile],
+    data: TransferSet,
+    out_dim: int,
+    n_classes: int | None,
+    work_dir: Path,
+    report: _Reporter,
+    should_stop: StopFn,
+) -> nn.Module:
+    """The final student's architecture trained on the labels alone, with the same budget."""
+    from core.distill.methods import build_method
+    from core.distill.trainer import train
+
+    _check_stop(should_stop)
+    student = _build(
+        final.student,
+        models=models,
+        data=data,
+        out_dim=out_dim,
+        teacher=teacher,
+        seed=spec.training.seed + len(spec.chain()) - 1,
+    )
+    method = build_method(
+        "baseline",
+        student=student,
+        teacher=teacher,
+        task=spec.task,
+        n_classes=n_classes,
+        epochs=spec.training.epochs,
+    )
+    report.start("baseline")
+    report.log("baseline: training the same student on the labels alone")
+    result = train(
+        student,
+        method,
+        data,
+        teacher,
+        spec.training,
+        task=spec.task,
+        stage=stages,
+        stages=stages,
+        progress=report,
+        should_stop=should_stop,
+        checkpoint_dir=work_dir / "baseline",
+        label="baseline",
+    )
+    report.keep(result.history)
+    report.stage_done(stages, stages)
+    return result.model.eval()
+
+
+# --- evaluation and compression ----------------------------------------------------------------
+
+
+def _measure(
+    model: nn.Module,
+    data: TransferSet,
+    teacher_val: torch.Tensor,
+    task: str,
+    device: torch.device,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Quality, size and latency of a student on the validation split, and its outputs there."""
+    from core.distill import evaluate
+
+    model = model.eval()
+    outputs = evaluate.predict(model, data.x_val, device=device)
+    metrics = {
+        **evaluate.quality_metrics(outputs, task=task, y=data.y_val, teacher_outputs=teacher_val),
+        **evaluate.size_metrics(model),
+        **evaluate.latency_metrics(model, data.x_val, device=device),
+    }
+    return metrics, outputs
+
+
+def _teacher_metrics(
+    teacher: Teacher,
+    data: TransferSet,
+    teacher_val: torch.Tensor,
+    task: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    from core.distill import evaluate
+
+    quality = evaluate.quality_metrics(teacher_val, task=task, y=data.y_val, teacher_outputs=None)
+    latency = evaluate.latency_metrics(teacher, data.x_val, device=device)
+    return {
+        **quality,
+        "parameters": int(teacher.parameters),
+        "size_bytes": int(teacher.size_bytes),
+        **latency,
+    }
+
+
+def _compress(
+    student: nn.Module,
+    measured: tuple[dict[str, Any], torch.Tensor],
+    spec: JobSpec,
+    data: TransferSet,
+    teacher_val: torch.Tensor,
+    task: str,
+    device: torch.device,
+    report: _Reporter,
+) -> tuple[nn.Module, tuple[dict[str, Any], torch.Tensor], list[dict[str, Any]]]:
+    """Prune, then quantize the student; measure after each step (before = the step before)."""
+    from core.distill import compress
+
+    steps: list[dict[str, Any]] = []
+    prune = spec.compression.prune
+    if prune is not None:
+        kind = "structured" if prune.structured else "unstructured"
+        report.log(f"pruning {prune.amount:.0%} of the student's weights ({kind})")
+        student = compress.prune(
+            student,
+            amount=prune.amount,
+            structured=prune.structured,
+            example_input=data.x_val[:2].to(device),
+        ).eval()
+        after = _measure(student, data, teacher_val, task, device)
+        steps.append(
+            {"step": "prune", **prune.model_dump(), "before": measured[0], "after": after[0]}
+        )
+        measured = after
+    if spec.compression.quantize != "none":
+        mode = spec.compression.quantize
+        report.log(f"quantizing the student ({mode})")
+        where = _quantized_device(mode, device)
+        calibration = data.x_train[: min(len(data.x_train), 512)].to(where)
+        student = compress.quantize(student.to(where), mode, calibration=calibration).eval()
+        after = _measure(student, data, teacher_val, task, where)
+        steps.append({"step": "quantize", "mode": mode, "before": measured[0], "after": after[0]})
+        measured = after
+    return student, measured, steps
+
+
+def _quantized_device(mode: str, device: torch.device) -> torch.device:
+    # int8 kernels run on the CPU; fp16 runs wherever the job runs.
+    return device if mode == "fp16" else torch.device("cpu")
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _export(
+    student: nn.Module,
+    spec: JobSpec,
+    data: TransferSet,
+    teacher_val: torch.Tensor,
+    student_val: torch.Tensor,
+    *,
+    staging: Path,
+    report: _Reporter,
+) -> tuple[list[Artifact], dict[str, Any]]:
+    """Write each requested format plus validation.npz; return the artifacts and export checks."""
+    from core.distill import export
+
+    student = student.cpu().eval()
+    example = data.x_val[:2].cpu()
+    artifacts: list[Artifact] = []
+    checks: dict[str, Any] = {}
+    for fmt in spec.export:
+        report.log(f"exporting the student as {fmt}")
+        names = EXPORTS[fmt]
+        path = staging / names[0][0]
+        if fmt == "torchscript":
+            export.export_torchscript(student, example, path)
+        elif fmt == "onnx":
+            checks["onnx"] = export.export_onnx(student, example, path, check_inputs=data.x_val)
+        elif fmt == "safetensors":
+            json_path = export.export_safetensors(student, path, example=example)
+            assert json_path.name == names[1][0]
+        artifacts.extend(Artifact(name, kind, staging / name) for name, kind in names)
+    arrays: dict[str, np.ndarray] = {
+        "x_val": data.x_val.cpu().numpy(),
+        "teacher_outputs": teacher_val.numpy(),
+        "student_outputs": student_val.float().cpu().numpy(),
+    }
+    if data.y_val is not None:
+        arrays["y_val"] = data.y_val.cpu().numpy()
+    np.savez_compressed(staging / "validation.npz", **arrays)
+    artifacts.append(Artifact("validation.npz", "validation_data", staging / "validation.npz"))
+    return artifacts, checks
+
+
+def _publish(staging: Path, out_dir: Path, artifacts: list[Artifact]) -> list[Artifact]:
+    """Move the finished files into ``out_dir`` (created if missing; other files are kept)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    published = []
+    for artifact in artifacts:
+        target = out_dir / artifact.name
+        artifact.path.replace(target)
+        published.append(Artifact(artifact.name, artifact.kind, target))
+    return published
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def _default_method(task: str) -> Any:
+    return KDMethod() if task == "classification" else MSEMethod()
+
+
+def _check_stop(should_stop: StopFn) -> None:
+    if should_stop():
+        raise Cancelled("the job was cancelled")
+
+
+def _fits(expected: list[int | None], got: list[int]) -> bool:
+    return len(expected) == len(got) and all(
+        e is None or e == g for e, g in zip(expected, got, strict=True)
+    )
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _describe(student: StudentSpec) -> str:
+    if student.preset is not None:
+        return student.preset
+    if student.shrink is not None:
+        return f"shrunk ({student.shrink:g}×)"
+    return "custom"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""

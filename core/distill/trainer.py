@@ -1,0 +1,638 @@
+"""The training loop: one loop for every method (it only sees ``method(...)["loss"]``).
+
+Per step: forward, loss, backward, clip, optimizer step, scheduler step, zero_grad. Around
+it: device and precision, the teacher-output cache, a checkpoint per epoch (resumable to the
+same weights on the CPU), early stopping on the validation metric, cancellation, a time limit
+and progress events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from core.distill.methods.base import DistillMethod
+from core.distill.types import Event, ProgressFn, StopFn, Teacher, TransferSet
+from core.errors import (
+    Cancelled,
+    InvalidSpec,
+    JobTimeout,
+    OutOfMemory,
+    TrainingDiverged,
+)
+from core.spec import TrainingSpec
+
+CACHE_MEMORY_LIMIT = 1 << 30  # teacher outputs larger than this go to a memory-mapped file
+PROGRESS_INTERVAL = 0.5  # seconds between progress events
+TEACHER_BATCH = 1024
+
+
+@dataclass
+class TrainResult:
+    """The trained student (best weights restored, eval mode) and how training went."""
+
+    student: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_metric: float | None = None
+    metric: str = "val_loss"  # the monitored metric's name
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.student
+
+
+# --- device and precision ----------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the GPU when there is one, else the CPU; a missing GPU is InvalidSpec."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise InvalidSpec(
+                f"training.device is '{name}' but this machine has no such GPU; "
+                "use 'auto' or 'cpu'",
+                field="training.device",
+            )
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on a GPU that supports it."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "fp16" and device.type != "cuda":
+        raise InvalidSpec(
+            "precision fp16 needs a GPU; use bf16 or fp32 on the CPU", field="training.precision"
+        )
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# --- teacher outputs ---------------------------------------------------------------------------
+
+
+class TeacherOutputs:
+    """Teacher outputs (and features) for the rows of one input tensor, looked up by index.
+
+    Cached: computed once, kept in memory or, above ``limit`` bytes, in memory-mapped files
+    under ``spill_dir``. Live: the teacher runs on every lookup.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        x: Tensor,
+        names: list[str],
+        device: torch.device,
+        *,
+        cache: bool,
+        spill_dir: Path | None = None,
+        limit: int = CACHE_MEMORY_LIMIT,
+        should_stop: StopFn | None = None,
+    ) -> None:
+        self.teacher, self.x, self.names, self.device = teacher, x, names, device
+        self.cached = cache
+        self._store: dict[str, Any] = {}
+        self._spill: Path | None = None
+        if cache and len(x):
+            self._fill(spill_dir, limit, should_stop)
+
+    def _run(self, xb: Tensor) -> dict[str, Tensor]:
+        xb = xb.to(self.device)
+        if self.names:
+            out, feats = self.teacher.features(xb, self.names)
+        else:
+            out, feats = self.teacher.predict(xb), {}
+        return {"": out, **feats}
+
+    def _fill(self, spill_dir: Path | None, limit: int, should_stop: StopFn | None) -> None:
+        n = len(self.x)
+        for start in range(0, n, TEACHER_BATCH):
+            if should_stop is not None and should_stop():
+                raise Cancelled("the job was cancelled")
+            part = {
+                k: v.detach().float().cpu()
+                for k, v in self._run(self.x[start : start + TEACHER_BATCH]).items()
+            }
+            if not self._store:
+                per_row = sum(v[0].numel() * 4 for v in part.values())
+                self._allocate(part, n, per_row * n > limit, spill_dir)
+            for k, v in part.items():
+                self._store[k][start : start + len(v)] = v.numpy() if self._spill else v
+
+    def _allocate(
+        self, first: dict[str, Tensor], n: int, spill: bool, spill_dir: Path | None
+    ) -> None:
+        if spill:
+            self._spill = Path(tempfile.mkdtemp(prefix="teacher-cache-", dir=spill_dir))
+            for i, (k, v) in enumerate(first.items()):
+                self._store[k] = np.lib.format.open_memmap(
+                    self._spill / f"{i}.npy", mode="w+", dtype=np.float32, shape=(n, *v.shape[1:])
+                )
+        else:
+            for k, v in first.items():
+                self._store[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float32)
+
+    def get(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs and features for rows ``idx``, on the training device."""
+        if not self.cached:
+            found = self._run(self.x[idx])
+        elif self._spill is not None:
+            rows = idx.numpy()
+            found = {
+                k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self._store.items()
+            }
+        else:
+            found = {k: v[idx] for k, v in self._store.items()}
+        found = {k: v.to(self.device, non_blocking=True) for k, v in found.items()}
+        out = found.pop("")
+        return out, found
+
+    def close(self) -> None:
+        self._store.clear()
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    student: nn.Module,
+    method: DistillMethod,
+    data: TransferSet,
+    teacher: Teacher | None,
+    training: TrainingSpec,
+    *,
+    task: str,
+    stage: int = 1,
+    stages: int = 1,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    checkpoint_dir: Path | None = None,
+    label: str = "student",
+) -> TrainResult:
+    """Train ``student`` (owned by ``method``) on ``data``; resume from a checkpoint if present."""
+    device = resolve_device(training.device)
+    try:
+        return _Run(
+            student, method, data, teacher, training, task, stage, stages, device,
+            progress, should_stop, checkpoint_dir, label,
+        ).run()  # fmt: skip
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(
+            f"training ran out of GPU memory on {device}; use a smaller training.batch_size "
+            "or a smaller student, precision bf16, or device cpu"
+        ) from None
+
+
+class _Run:
+    """One call of :func:`train`: its state lives here so the loop reads top to bottom."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        method: DistillMethod,
+        data: TransferSet,
+        teacher: Teacher | None,
+        training: TrainingSpec,
+        task: str,
+        stage: int,
+        stages: int,
+        device: torch.device,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        checkpoint_dir: Path | None,
+        label: str,
+    ) -> None:
+        if method.student is not student:
+            raise ValueError("train() needs the student that the method was built with")
+        self.student, self.method, self.teacher, self.spec = student, method, teacher, training
+        self.task, self.stage, self.stages, self.device = task, stage, stages, device
+        self.progress, self.should_stop = progress, should_stop
+        self.autocast_dtype = resolve_precision(training.precision, device)
+        self.x, self.y = _training_rows(data, method, task)
+        self.x_val, self.y_val = data.x_val, data.y_val
+        if method.needs_teacher and teacher is None:
+            raise InvalidSpec("this distillation method needs a teacher", field="teacher")
+        self.checkpoint = (
+            checkpoint_dir / f"{_safe_name(label)}-stage{stage}.pt" if checkpoint_dir else None
+        )
+        self.spill_dir = checkpoint_dir
+        self.metric, self.maximize = self._monitored_metric()
+        bs = training.batch_size
+        n = len(self.x)
+        # A trailing batch of one sample is dropped: batch norm can't train on it.
+        self.steps_per_epoch = max(1, n // bs + (1 if n % bs > 1 else 0))
+        self.total_steps = self.steps_per_epoch * training.epochs
+
+    def _monitored_metric(self) -> tuple[str, bool]:
+        if len(self.x_val) == 0:
+            return "train_loss", False
+        if self.task == "classification":
+            if (
+                self.y_val is not None
+                and self.y_val.dtype == torch.long
+                and (self.y_val >= 0).any()
+            ):
+                return "val_accuracy", True
+            if self.teacher is not None:
+                return "val_agreement", True
+        return "val_loss", False
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self.started = time.monotonic()  # max_minutes counts the teacher cache too
+        torch.manual_seed(self.spec.seed)
+        self.shuffle = torch.Generator().manual_seed(self.spec.seed)
+        self.method.to(self.device)
+        names = self.method.teacher_layers()
+        self.train_teacher = self.val_teacher = None
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device)
+        try:
+            if self.teacher is not None and self.method.needs_teacher:
+                self.train_teacher = TeacherOutputs(
+                    self.teacher, self.x, names, self.device,
+                    cache=self.spec.cache_teacher_outputs, spill_dir=self.spill_dir,
+                    should_stop=self.should_stop,
+                )  # fmt: skip
+            if self.teacher is not None and len(self.x_val):
+                # Validation inputs are few and seen every epoch: always cached.
+                self.val_teacher = TeacherOutputs(
+                    self.teacher, self.x_val, names if self.method.needs_teacher else [],
+                    self.device, cache=True, spill_dir=self.spill_dir,
+                    should_stop=self.should_stop,
+                )  # fmt: skip
+            return self._train()
+        finally:
+            for outputs in (self.train_teacher, self.val_teacher):
+                if outputs is not None:
+                    outputs.close()
+
+    def _teacher_batch(
+        self, source: TeacherOutputs | None, idx: Tensor
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        if source is None:
+            return None, {}
+        return source.get(idx)
+
+    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        xb = self.x[idx].to(self.device, non_blocking=True)
+        yb = self.y[idx].to(self.device, non_blocking=True) if self.y is not None else None
+        return xb, yb
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        if not params:
+            raise InvalidSpec("the student has no trainable parameters", field="student")
+        s = self.spec
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup = round(self.spec.warmup_epochs * self.steps_per_epoch)
+        total = self.total_steps
+
+        def factor(step: int) -> float:
+            # Linear warmup, then cosine decay to zero at the last step.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # --- training --------------------------------------------------------------------------
+
+    def _train(self) -> TrainResult:
+        first = torch.arange(min(2, len(self.x)))
+        t_out, t_feats = self._teacher_batch(self.train_teacher, first)
+        self.method.prepare(*self._batch(first), t_out, t_feats)  # sizes projectors
+        self.method.to(self.device)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler(self.optimizer)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.autocast_dtype == torch.float16
+        )
+        self.history: list[dict[str, Any]] = []
+        self.best_metric: float | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_epochs = 0
+        self.finished = False
+        self.stopped_early = False
+        start = self._resume()
+        self.loop_started = time.monotonic()
+        self.steps_done = 0
+        self.steps_left = (self.spec.epochs - start) * self.steps_per_epoch
+        self.last_event = 0.0
+        for epoch in range(start, self.spec.epochs):
+            if self.finished:
+                break
+            row = self._epoch(epoch)
+            self.history.append(row)
+            if self.progress is not None:
+                self.progress(Event("metrics", dict(row)))
+            self._update_best(epoch, row)
+            self.finished = self.stopped_early or epoch + 1 == self.spec.epochs
+            self._save(epoch + 1)
+        if self.best_state is not None:
+            self.student.load_state_dict(self.best_state)
+        self.method.eval()
+        return TrainResult(
+            student=self.student,
+            history=self.history,
+            best_epoch=self.best_epoch,
+            best_metric=self.best_metric,
+            metric=self.metric,
+            epochs_run=len(self.history),
+            stopped_early=self.stopped_early,
+        )
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        started = time.monotonic()
+        self.method.train()
+        perm = torch.randperm(len(self.x), generator=self.shuffle)
+        bs = self.spec.batch_size
+        sums: dict[str, Tensor] = {}
+        seen = 0
+        for i in range(self.steps_per_epoch):
+            self._check_limits()
+            idx = perm[i * bs : (i + 1) * bs]
+            xb, yb = self._batch(idx)
+            t_out, t_feats = self._teacher_batch(self.train_teacher, idx)
+            with self._autocast():
+                losses = self.method(xb, yb, t_out, t_feats, epoch)
+            loss = losses["loss"]
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                    f"lower training.lr (now {self.spec.lr}) or keep grad_clip on",
+                    details={"epoch": epoch + 1, "step": i + 1},
+                )
+            self.scaler.scale(loss).backward()
+            if self.spec.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]],
+                    self.spec.grad_clip,
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * len(idx)
+            seen += len(idx)
+            self.steps_done += 1
+            self._report_progress(epoch, i + 1)
+        row: dict[str, Any] = {"stage": self.stage, "epoch": epoch + 1}
+        row["train_loss"] = float(sums.pop("loss")) / seen
+        row.update({f"train_{k}": float(v) / seen for k, v in sums.items()})
+        row.update(self._validate(epoch))
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["seconds"] = round(time.monotonic() - started, 3)
+        return row
+
+    def _check_limits(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("the job was cancelled")
+        if time.monotonic() - self.started > self.spec.max_minutes * 60:
+            raise JobTimeout(
+                f"training ran past training.max_minutes ({self.spec.max_minutes}); "
+                "raise it, or use fewer epochs or a smaller student"
+            )
+
+    def _report_progress(self, epoch: int, step_in_epoch: int) -> None:
+        now = time.monotonic()
+        last = step_in_epoch == self.steps_per_epoch and epoch + 1 == self.spec.epochs
+        if self.progress is None or (now - self.last_event < PROGRESS_INTERVAL and not last):
+            return
+        self.last_event = now
+        step = epoch * self.steps_per_epoch + step_in_epoch
+        rate = (now - self.loop_started) / self.steps_done
+        self.progress(
+            Event(
+                "progress",
+                {
+                    "stage": self.stage,
+                    "stages": self.stages,
+                    "epoch": epoch + 1,
+                    "epochs": self.spec.epochs,
+                    "step": step,
+                    "steps": self.total_steps,
+                    "fraction": round(step / self.total_steps, 4),
+                    "eta_seconds": round(rate * (self.steps_left - self.steps_done), 1),
+                },
+            )
+        )
+
+    # --- validation and early stopping -----------------------------------------------------
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict[str, float]:
+        n = len(self.x_val)
+        if n == 0:
+            return {}
+        self.method.eval()
+        bs = max(self.spec.batch_size, 256)
+        outs, loss_sum = [], 0.0
+        teacher_outs = []
+        for start in range(0, n, bs):
+            idx = torch.arange(start, min(start + bs, n))
+            xb = self.x_val[idx].to(self.device)
+            yb = self.y_val[idx].to(self.device) if self.y_val is not None else None
+            t_out, t_feats = self._teacher_batch(self.val_teacher, idx)
+            with self._autocast():
+                out, feats = self.method.run_student(xb)
+                losses = self.method.compute(out, feats, yb, t_out, t_feats, epoch)
+            loss_sum += float(losses["loss"]) * len(idx)
+            outs.append(out.float().cpu())
+            if t_out is not None:
+                teacher_outs.append(t_out.float().cpu())
+        self.method.train()
+        out = torch.cat(outs)
+        t_all = torch.cat(teacher_outs) if teacher_outs else None
+        metrics = {"val_loss": loss_sum / n}
+        metrics.update(_output_metrics(out, self.y_val, t_all, self.task))
+        return metrics
+
+    def _update_best(self, epoch: int, row: dict[str, Any]) -> None:
+        value = row.get(self.metric)
+        value = float(value) if value is not None else None
+        better = value is not None and (
+            self.best_metric is None
+            or (value > self.best_metric if self.maximize else value < self.best_metric)
+        )
+        if better:
+            self.best_metric, self.best_epoch, self.bad_epochs = value, epoch + 1, 0
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()
+            }
+        else:
+            self.bad_epochs += 1
+        patience = self.spec.early_stopping_patience
+        if patience is not None and self.bad_epochs >= patience:
+            self.stopped_early = True
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: the spec, the method and the data size."""
+        return json.dumps(
+            {
+                "training": self.spec.model_dump(),
+                "method": getattr(self.method, "config", type(self.method).__name__),
+                "arch": getattr(self.student, "distill_arch", None),
+                "task": self.task,
+                "n_train": len(self.x),
+                "n_val": len(self.x_val),
+            },
+            sort_keys=True,
+            default=str,
+        )
+
+    def _save(self, epochs_done: int) -> None:
+        if self.checkpoint is None:
+            return
+        state = {
+            "spec": self._fingerprint(),
+            "epoch": epochs_done,
+            "finished": self.finished,
+            "stopped_early": self.stopped_early,
+            "student": self.student.state_dict(),
+            "method": self.method.method_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),  # lr_lambdas: [None] for a function
+            "scaler": self.scaler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+            "shuffle_rng": self.shuffle.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def _resume(self) -> int:
+        """Restore the last checkpoint of this same run; the number of epochs it completed."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return 0
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        if state.get("spec") != self._fingerprint():
+            self._log(f"ignoring {self.checkpoint.name}: it belongs to a different run")
+            return 0
+        self.student.load_state_dict(state["student"])
+        self.method.load_method_state(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_metric = state["best_metric"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.bad_epochs = state["bad_epochs"]
+        self.history = list(state["history"])
+        self.finished = state["finished"]
+        self.stopped_early = state["stopped_early"]
+        torch.set_rng_state(state["rng"])
+        self.shuffle.set_state(state["shuffle_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._log(f"resumed from {self.checkpoint.name} after epoch {state['epoch']}")
+        return int(state["epoch"])
+
+    def _log(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(Event("log", {"message": message}))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _training_rows(
+    data: TransferSet, method: DistillMethod, task: str
+) -> tuple[Tensor, Tensor | None]:
+    """The training inputs and labels; a labels-only method keeps the labeled rows."""
+    x, y = data.x_train, data.y_train
+    if method.needs_teacher:
+        return x, y
+    if y is None:
+        keep = None
+    elif task == "classification" and y.dtype == torch.long:
+        keep = y >= 0
+    else:
+        keep = torch.ones(len(y), dtype=torch.bool)
+    if keep is None or not bool(keep.any()):
+        raise InvalidSpec(
+            "training on labels alone needs labeled training samples; this dataset has none",
+            field="training.baseline",
+        )
+    return x[keep], y[keep]  # type: ignore[index]
+
+
+def _output_metrics(
+    out: Tensor, y: Tensor | None, teacher_out: Tensor | None, task: str
+) -> dict[str, float]:
+    """val_accuracy / val_agreement (classification) or val_mse (regression)."""
+    metrics: dict[str, float] = {}
+    if task == "classification":
+        pred = out.argmax(-1)
+        if y is not None and y.dtype == torch.long:
+            mask = y >= 0
+            if bool(mask.any()):
+                metrics["val_accuracy"] = float((pred[mask] == y[mask]).float().mean())
+        if teacher_out is not None:
+            metrics["val_agreement"] = float((pred == teacher_out.argmax(-1)).float().mean())
+        return metrics
+    target = y if y is not None and y.is_floating_point() else teacher_out
+    if target is not None:
+        metrics["val_mse"] = float((out - target.float().reshape(out.shape)).pow(2).mean())
+    return metrics
+
+
+def _safe_name(label: str) -> str:
+    """A label as a file name: ``stage 1/2`` → ``stage_1_2``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "student"
+
+
+__all__ = [
+    "TeacherOutputs",
+    "TrainResult",
+    "resolve_device",
+    "resolve_precision",
+    "train",
+]

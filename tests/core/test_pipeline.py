@@ -1,0 +1,289 @@
+"""The job pipeline end to end on digits: teacher file in, measured and reloadable artifacts out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.distill.pipeline import run_job
+from core.distill.types import Event, ModelFile
+from core.errors import Cancelled, ShapeMismatch
+from core.spec import parse_spec
+from tests.conftest import DigitsCNN, train_classifier
+
+QUALITY_KEYS = {"accuracy", "f1_macro", "parameters", "size_bytes"}
+SPEED_KEYS = {"latency_ms_p50", "throughput_per_s"}
+TINY = {"epochs": 3, "batch_size": 32, "early_stopping_patience": None, "lr": 0.01}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and far faster when other processes share the
+    CPU (OpenMP threads spin against each other); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def export_program(model: nn.Module, path: Path, example: torch.Tensor) -> ModelFile:
+    """A teacher saved the way users are told to: torch.export with a dynamic batch."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return ModelFile(path=path, format="exported_program")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, digits_teacher: nn.Module, digits: dict):
+    """teacher.pt2, a TorchScript second teacher, and labelled / unlabelled transfer sets."""
+    root = tmp_path_factory.mktemp("pipeline")
+    example = torch.from_numpy(digits["x_train"][:2])
+    teacher = export_program(digits_teacher, root / "teacher.pt2", example)
+    torch.manual_seed(1)
+    second = train_classifier(DigitsCNN(width=8), digits["x_train"], digits["y_train"], epochs=8)
+    torch.jit.save(torch.jit.script(second), str(root / "second.pt"))
+    labelled = root / "digits.npz"
+    np.savez(
+        labelled,
+        x=digits["x_train"],
+        y=digits["y_train"],
+        x_val=digits["x_test"],
+        y_val=digits["y_test"],
+    )
+    unlabelled = root / "unlabelled.npz"
+    np.savez(unlabelled, x=digits["x_train"][:600])
+    return {
+        "root": root,
+        "models": {
+            "teacher.pt2": teacher,
+            "second.pt": ModelFile(path=root / "second.pt", format="torchscript"),
+        },
+        "labelled": labelled,
+        "unlabelled": unlabelled,
+    }
+
+
+def run(files: dict, tmp_path: Path, spec: dict[str, Any], dataset: str = "labelled", **kw: Any):
+    events: list[Event] = []
+    body = {"teacher": {"path": "teacher.pt2"}, "dataset_path": "x.npz", **spec}
+    body["training"] = {**TINY, **spec.get("training", {})}
+    outcome = run_job(
+        parse_spec(body),
+        models=files["models"],
+        dataset=files[dataset],
+        dataset_options={},
+        out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        progress=events.append,
+        should_stop=kw.pop("should_stop", lambda: False),
+    )
+    return outcome, events
+
+
+def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
+    return float((outputs.argmax(-1) == y).mean())
+
+
+def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path):
+    outcome, events = run(files, tmp_path, {"student": {"preset": "mlp", "width": 32}})
+    result = outcome.result
+
+    # API.md's result, plus the engine's extras.
+    for side in ("teacher", "student"):
+        assert set(result[side]) >= QUALITY_KEYS | SPEED_KEYS, side
+        assert 0.0 <= result[side]["accuracy"] <= 1.0
+        assert isinstance(result[side]["parameters"], int)
+        assert result[side]["latency_ms_p50"] > 0
+    assert 0 <= result["student"]["agreement"] <= 1
+    assert result["teacher"]["accuracy"] > 0.95  # the fixture's teacher, measured on x_val
+    assert result["student"]["accuracy"] > 0.8
+    assert result["student"]["parameters"] < result["teacher"]["parameters"]
+    assert isinstance(result["compression_ratio"], float) and result["compression_ratio"] > 1
+    assert isinstance(result["speedup"], float)
+    assert result["task"] == "classification" and result["method"] == "kd"
+    assert result["device"] == "cpu"
+    assert len(result["stages"]) == 1
+    assert set(result["baseline"]) >= QUALITY_KEYS
+
+    out = tmp_path / "out"
+    names = {a.name: a.kind for a in outcome.artifacts}
+    assert names == {
+        "student.pt": "student_torchscript",
+        "student.onnx": "student_onnx",
+        "student.safetensors": "student_safetensors",
+        "student.arch.json": "student_arch",
+        "validation.npz": "validation_data",
+        "report.json": "report",
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert all(a.path.parent == out for a in outcome.artifacts)
+    # Nothing left beside the output folder but the work folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "work"]
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["result"]["student"]["accuracy"] == result["student"]["accuracy"]
+    assert report["spec"]["task"] == "classification"
+    epochs = [h for h in report["history"] if h.get("stage") == 1]
+    assert len(epochs) == TINY["epochs"] and all("train_loss" in h for h in epochs)
+    fractions = [e.data["fraction"] for e in events if e.type == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+    val = np.load(out / "validation.npz")
+    x_val, y_val = val["x_val"], val["y_val"]
+    assert accuracy(val["teacher_outputs"], y_val) == result["teacher"]["accuracy"]
+    reported = result["student"]["accuracy"]
+
+    scripted = torch.jit.load(str(out / "student.pt"))
+    with torch.no_grad():
+        ts_out = scripted(torch.from_numpy(x_val)).numpy()
+    np.testing.assert_allclose(ts_out, val["student_outputs"], atol=1e-6, rtol=0)
+    assert accuracy(ts_out, y_val) == reported
+
+    from safetensors.torch import load_file
+
+    from core.distill.architectures import build_architecture
+
+    arch = json.loads((out / "student.arch.json").read_text())
+    rebuilt = build_architecture(arch["name"], arch["config"])
+    rebuilt.load_state_dict(load_file(str(out / "student.safetensors")))
+    with torch.no_grad():
+        st_out = rebuilt.eval()(torch.from_numpy(x_val)).numpy()
+    np.testing.assert_allclose(st_out, val["student_outputs"], atol=1e-6, rtol=0)
+    assert accuracy(st_out, y_val) == reported
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x_val})[0]
+    tolerance = result["export"]["onnx"]["max_abs_diff"]
+    assert np.abs(onnx_out - val["student_outputs"]).max() <= max(tolerance, 1e-6) * 1.01
+    assert accuracy(onnx_out, y_val) == reported
+
+
+def test_ensemble_and_two_stage_chain_report_every_stage(files, tmp_path):
+    spec = {
+        "teacher": None,
+        "teachers": [
+            {"path": "teacher.pt2", "weight": 2.0},
+            {"path": "second.pt", "weight": 1.0},
+        ],
+        "stages": [
+            {"student": {"preset": "cnn", "width": 8, "depth": 2}},
+            {"student": {"preset": "mlp", "width": 16, "depth": 1}},
+        ],
+        "export": ["torchscript"],
+    }
+    outcome, events = run(files, tmp_path, spec)
+    result = outcome.result
+    assert [s["stage"] for s in result["stages"]] == [1, 2]
+    assert [s["student"]["preset"] for s in result["stages"]] == ["cnn", "mlp"]
+    for stage in result["stages"]:
+        assert 0 <= stage["accuracy"] <= 1 and stage["parameters"] > 0
+    # The final stage is the result; the baseline is the last stage's architecture.
+    assert result["student"]["accuracy"] == result["stages"][-1]["accuracy"]
+    assert result["baseline"]["parameters"] == result["student"]["parameters"]
+    # Teacher size covers both members of the ensemble.
+    sizes = sum(f.path.stat().st_size for f in files["models"].values())
+    assert result["teacher"]["size_bytes"] == sizes
+    progress = [e.data for e in events if e.type == "progress"]
+    assert {p["stages"] for p in progress} == {3}  # two stages plus the baseline
+    assert sorted({p["stage"] for p in progress}) == [1, 2, 3]
+    fractions = [p["fraction"] for p in progress]
+    assert fractions == sorted(fractions)
+    assert {a.name for a in outcome.artifacts} == {"student.pt", "validation.npz", "report.json"}
+
+
+def test_no_labels_means_no_baseline_and_teacher_agreement_only(files, tmp_path):
+    spec = {
+        "student": {"preset": "mlp", "width": 16},
+        "training": {"val_fraction": 0.2},
+        "export": ["safetensors"],
+    }
+    outcome, _ = run(files, tmp_path, spec, dataset="unlabelled")
+    result = outcome.result
+    assert "baseline" not in result
+    assert result["task"] == "classification"
+    assert "accuracy" not in result["student"]
+    assert 0 <= result["student"]["agreement"] <= 1
+    assert len(np.load(tmp_path / "out" / "validation.npz")["x_val"]) == 120
+
+
+def test_labels_with_baseline_off_skip_the_baseline(files, tmp_path):
+    spec = {
+        "student": {"preset": "mlp", "width": 8, "depth": 1},
+        "training": {"epochs": 1, "baseline": False},
+        "export": [],
+    }
+    outcome, events = run(files, tmp_path, spec)
+    assert "baseline" not in outcome.result
+    assert {e.data["stages"] for e in events if e.type == "progress"} == {1}
+
+
+def test_structured_pruning_reports_before_and_after(files, tmp_path):
+    spec = {
+        "student": {"preset": "mlp", "width": 64},
+        "compression": {"prune": {"amount": 0.5, "structured": True}},
+        "training": {"baseline": False},
+        "export": ["torchscript", "onnx"],
+    }
+    outcome, _ = run(files, tmp_path, spec)
+    result = outcome.result
+    [step] = result["compression"]
+    assert step["step"] == "prune" and step["structured"] is True
+    before, after = step["before"], step["after"]
+    for metrics in (before, after):
+        assert {"parameters", "size_bytes", "latency_ms_p50", "accuracy"} <= set(metrics)
+    assert after["parameters"] < 0.6 * before["parameters"]
+    assert after["size_bytes"] < before["size_bytes"]
+    # The compressed model is the result, and it is the one exported.
+    assert result["student"]["parameters"] == after["parameters"]
+    assert result["student"]["accuracy"] == after["accuracy"]
+    scripted = torch.jit.load(str(tmp_path / "out" / "student.pt"))
+    assert sum(p.numel() for p in scripted.parameters()) == after["parameters"]
+
+
+def test_rerun_with_the_same_work_dir_resumes_from_checkpoints(files, tmp_path):
+    spec = {"student": {"preset": "mlp", "width": 16, "depth": 1}, "export": ["torchscript"]}
+    first, _ = run(files, tmp_path, spec)
+    (tmp_path / "out").rename(tmp_path / "first")
+    second, events = run(files, tmp_path, spec)
+    resumed = [e.data["message"] for e in events if "resumed" in e.data.get("message", "")]
+    assert len(resumed) == 2  # the distilled stage and the baseline
+    assert not [e for e in events if e.type == "metrics"]  # no epoch trained again
+    assert second.result["student"]["accuracy"] == first.result["student"]["accuracy"]
+    assert second.result["baseline"]["accuracy"] == first.result["baseline"]["accuracy"]
+    # The report still holds every epoch of both runs' training.
+    assert len(first.history) == 2 * TINY["epochs"]
+    assert second.history == first.history
+
+
+def test_cancelled_job_leaves_nothing_in_out_dir(files, tmp_path):
+    spec = {"student": {"preset": "mlp", "width": 8, "depth": 1}}
+    calls = {"n": 0}
+
+    def stop_after_a_while() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        run(files, tmp_path, spec, should_stop=stop_after_a_while)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
+def test_teacher_that_cannot_take_the_data_is_a_shape_mismatch(files, tmp_path):
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((50, 1, 6, 6), np.float32), y=np.arange(50) % 10)
+    files = {**files, "wrong": wrong}
+    with pytest.raises(ShapeMismatch) as err:
+        run(files, tmp_path, {"training": {"batch_size": 8}}, dataset="wrong")
+    assert err.value.details["field"] == "teacher"
+    assert "8" in err.value.message  # names the teacher's input shape
+    assert not (tmp_path / "out").exists()
