@@ -103,7 +103,8 @@ def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -
     if "Latency Distribution" not in out:
         raise RuntimeError(f"wrk printed no latency distribution:\n{out}\n{run.stderr}")
     percentiles = {
-        p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)(?:\.000)?%\s+(\S+)\s*$", out, re.MULTILINE)
+        p: _ms(v)
+        for p, v in re.findall(r"^\s+(50|75|90|99)(?:\.000)?%\s+(\S+)\s*$", out, re.MULTILINE)
     }
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

@@ -84,7 +84,17 @@ def digits() -> dict[str, np.ndarray]:
 
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30) -> nn.Module:
-    """Plain supervised training, for making teachers in tests."""
+    """Plain supervised training, for making teachers in tests (one thread: tiny batches run
+    many times slower with two threads on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, x, y, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Module:
     torch.manual_seed(0)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
