@@ -13,6 +13,7 @@ from contextlib import suppress
 from celery import Celery
 from kombu import Exchange, Queue
 
+import core.db  # noqa: F401  (tunes SQLite connections, the broker transport's included)
 from core.config import Settings, get_settings
 
 JOB_QUEUES = ("cpu", "gpu")
