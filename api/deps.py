@@ -57,8 +57,10 @@ EnqueueDep = Annotated[EnqueueFn, Depends(get_enqueue)]
 def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
     """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``default`` with auth off)."""
     if settings.auth == "off":
-        tenant = get_or_create_tenant(session, DEFAULT_TENANT)
-        session.commit()
+        tenant = session.scalar(select(Tenant).where(Tenant.name == DEFAULT_TENANT))
+        if tenant is None:  # first request: create it (commit only then)
+            tenant = get_or_create_tenant(session, DEFAULT_TENANT)
+            session.commit()
         return tenant
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():

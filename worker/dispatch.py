@@ -27,8 +27,9 @@ def enqueue_job(session: Session, job: Job, *, app: Celery | None = None) -> Non
     A broker that is down does not fail the request: the job stays queued and the reconciler
     sends it again once ``requeue_after_seconds`` have passed.
     """
-    job.enqueued_at = utcnow()
-    session.commit()
+    if job.enqueued_at is None:  # the API records it with the job, saving a commit
+        job.enqueued_at = utcnow()
+        session.commit()
     try:
         send_job(job.id, job.queue, app=app)
     except Exception:  # noqa: BLE001 - any broker failure; the reconciler re-sends

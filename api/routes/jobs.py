@@ -36,7 +36,17 @@ from api.schemas import (
 from core.config import Settings
 from core.errors import Conflict, InvalidSpec
 from core.jobs import add_event, request_cancel
-from core.models import Dataset, IdempotencyKey, Job, JobEvent, JobModel, Model, Tenant, new_id
+from core.models import (
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobModel,
+    Model,
+    Tenant,
+    new_id,
+    utcnow,
+)
 from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
 
 log = logging.getLogger("distill.api")
@@ -257,11 +267,12 @@ def create_job(
         attempt=0,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        enqueued_at=utcnow(),  # recorded with the job; the send follows the commit
     )
     session.add(job)
     session.flush()
     session.add_all(JobModel(job_id=job.id, model_id=m) for m in model_ids)
-    add_event(session, job.id, "status", {"status": "queued"})
+    add_event(session, job.id, "status", {"status": "queued"}, first=True)
     if idempotency_key is not None:
         session.add(
             IdempotencyKey(
