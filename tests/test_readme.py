@@ -1,0 +1,113 @@
+"""The README works as written: in a fresh clone, `make serve` sets up a new virtual environment
+and starts the service, and the curl walkthrough, run verbatim, ends with a student that loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import REQUIRE_SERVICES
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PORT = 8000  # the README's walkthrough uses this port
+
+
+def bash_blocks(section: str) -> list[str]:
+    """The ```bash blocks of a README section (from its heading to the next one)."""
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
+
+
+def test_quick_start_is_two_commands() -> None:
+    lines = [
+        line.split("#")[0].strip()
+        for line in bash_blocks("Quick start")[0].splitlines()
+        if line.split("#")[0].strip()
+    ]
+    assert lines == ["make serve", "make test"]
+
+
+@pytest.mark.slow
+def test_make_serve_and_the_curl_walkthrough_work_in_a_fresh_clone(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", PORT)) == 0:
+            message = f"port {PORT} is taken; the README's walkthrough needs it"
+            if REQUIRE_SERVICES:
+                pytest.fail(message)
+            pytest.skip(message)
+    clone = tmp_path / "distill"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL_", "VIRTUAL_ENV"))}
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv" not in p)
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen(
+        ["make", "serve"],
+        cwd=clone,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(serve, tmp_path / "serve.log", timeout=900)
+        walkthrough = bash_blocks("Walkthrough with curl")[0]
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", walkthrough],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+        assert '"status": "succeeded"' in run.stdout
+        _student_reproduces_the_job(clone)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_healthy(proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"make serve exited:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the service did not become ready:\n{log.read_text()[-4000:]}")
+
+
+def _student_reproduces_the_job(clone: Path) -> None:
+    import onnxruntime
+
+    jobs = httpx.get(f"http://127.0.0.1:{PORT}/v1/jobs").json()["data"]
+    job = jobs[0]
+    assert job["status"] == "succeeded"
+    arts = httpx.get(f"http://127.0.0.1:{PORT}/v1/jobs/{job['id']}/artifacts").json()["data"]
+    validation = next(a for a in arts if a["kind"] == "validation_data")
+    data = httpx.get(f"http://127.0.0.1:{PORT}/v1/artifacts/{validation['id']}/content").content
+    (clone / "validation.npz").write_bytes(data)
+    val = np.load(clone / "validation.npz")
+    session = onnxruntime.InferenceSession(str(clone / "student.onnx"))
+    name = session.get_inputs()[0].name
+    pred = session.run(None, {name: val["x_val"].astype(np.float32)})[0].argmax(1)
+    accuracy = float((pred == val["y_val"]).mean())
+    assert accuracy == pytest.approx(job["result"]["student"]["accuracy"], abs=0.01)
