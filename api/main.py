@@ -7,12 +7,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.dashboard import routes as dashboard
 from api.deps import default_enqueue
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, jobs, models, ops
 from core.config import Settings, get_settings
 from core.db import session_factory
+from core.logging import configure_logging
 from core.spec import JobSpec
 from core.storage import get_storage
 
@@ -24,7 +26,9 @@ Authenticate with `Authorization: Bearer <key>`. Errors are
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """A configured API app (settings default to the environment's)."""
+    """A configured API app (settings default to the environment's, and then logging too)."""
+    if settings is None:
+        configure_logging()  # a server process (uvicorn --factory), not an app made in a test
     settings = settings or Settings()
     app = FastAPI(title="distill", version="1", description=DESCRIPTION)
     app.state.settings = settings
@@ -33,11 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Seams: tests swap how jobs reach the broker and what /readyz asks.
     app.state.enqueue = default_enqueue
     app.state.readiness_checks = ops.default_checks(settings, app.state.storage)
-    app.state.metrics = Metrics(app.state.sessions)
+    app.state.metrics = Metrics(app.state.sessions, stale_after_seconds=settings.lease_seconds)
 
     install_error_handlers(app)
     for module in (models, datasets, jobs, artifacts, ops):
         app.include_router(module.router)
+    dashboard.install(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -45,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The app for this environment's settings (``uvicorn --factory api.main:app_from_env``)."""
+    configure_logging()
     return create_app(get_settings())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,10 +25,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_last_stamp = 0
+_stamp_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """An opaque id with a type prefix; time-ordered so ids sort newest-last."""
-    millis = int(utcnow().timestamp() * 1000)
-    return f"{prefix}_{millis:012x}{secrets.token_hex(6)}"
+    """An opaque id with a type prefix; ids made by one process sort in creation order."""
+    global _last_stamp
+    with _stamp_lock:
+        # Microseconds, bumped when two ids fall in the same one, so ordering never ties.
+        _last_stamp = max(int(utcnow().timestamp() * 1_000_000), _last_stamp + 1)
+        stamp = _last_stamp
+    return f"{prefix}_{stamp:014x}{secrets.token_hex(4)}"
 
 
 class Base(DeclarativeBase):

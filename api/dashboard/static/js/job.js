@@ -1,0 +1,208 @@
+// One job: status and progress, live loss and accuracy curves (event history, then the live
+// stream), the teacher / student / baseline table, artifact downloads and a cancel button.
+
+import { api, download, eventHistory, streamEvents } from "./api.js";
+import { Curves } from "./charts.js";
+import {
+  ACTIVE,
+  DASH,
+  fmtAge,
+  fmtBytes,
+  fmtDuration,
+  fmtNum,
+  fmtPct,
+  h,
+  progressBar,
+  statusBadge,
+} from "./dom.js";
+
+const POLL_MS = 1500;
+const ROWS = [
+  ["accuracy", "Accuracy", fmtPct],
+  ["f1_macro", "F1 (macro)", fmtPct],
+  ["agreement", "Agreement with teacher", fmtPct],
+  ["mse", "MSE to teacher", fmtNum],
+  ["cosine", "Cosine to teacher", fmtNum],
+  ["parameters", "Parameters", fmtNum],
+  ["size_bytes", "Size", fmtBytes],
+  ["latency_ms_p50", "Latency p50 (ms)", fmtNum],
+  ["throughput_per_s", "Throughput (/s)", fmtNum],
+];
+
+function resultTable(result) {
+  const columns = ["teacher", "student", "baseline"].filter((c) => result[c]);
+  const rows = ROWS.filter(([key]) => columns.some((c) => result[c][key] !== undefined));
+  return h(
+    "table.result",
+    { id: "result-table" },
+    h("thead", {}, h("tr", {}, h("th", {}, ""), columns.map((c) => h("th", { dataset: { column: c } }, c)))),
+    h(
+      "tbody",
+      {},
+      rows.map(([key, label, fmt]) =>
+        h(
+          "tr",
+          { dataset: { metric: key } },
+          h("th", {}, label),
+          columns.map((c) => h("td.num", { dataset: { column: c } }, fmt(result[c][key]))),
+        ),
+      ),
+    ),
+  );
+}
+
+function summary(result) {
+  const parts = [];
+  if (result.compression_ratio) parts.push(`${result.compression_ratio.toFixed(1)}× fewer bytes`);
+  if (result.speedup) parts.push(`${result.speedup.toFixed(1)}× faster`);
+  if (result.method) parts.push(`method ${result.method}`);
+  if (result.device) parts.push(`on ${result.device}`);
+  return h("p.muted", {}, parts.join(" · "));
+}
+
+function artifactList(artifacts, onError) {
+  return h(
+    "table.artifacts",
+    { id: "artifacts" },
+    h("tbody", {}, artifacts.map((a) => {
+      const button = h("button", {
+        type: "button",
+        dataset: { artifactId: a.id, kind: a.kind },
+        onclick: async () => {
+          button.disabled = true;
+          try {
+            await download(a);
+          } catch (error) {
+            onError(error);
+          } finally {
+            button.disabled = false;
+          }
+        },
+      }, "Download");
+      return h(
+        "tr",
+        { dataset: { kind: a.kind } },
+        h("td", {}, a.name),
+        h("td.muted", {}, a.kind),
+        h("td.num", {}, fmtBytes(a.size_bytes)),
+        h("td.mono.small", { title: a.sha256 }, `${a.sha256.slice(0, 12)}…`),
+        h("td", {}, button),
+      );
+    })),
+  );
+}
+
+export async function render(view, { signal, params }) {
+  const jobId = params.id;
+  const header = h("div.heading");
+  const state = h("div.state");
+  const errorBox = h("p.error", { hidden: true });
+  const loss = h("div.chart", { id: "loss-chart" });
+  const quality = h("div.chart", { id: "accuracy-chart" });
+  const resultBox = h("section", { id: "result" }, h("h2", {}, "Result"), h("p.muted", {}, "When the job succeeds: teacher, student and the labels-only baseline side by side."));
+  const artifactBox = h("section", { id: "artifacts-section" }, h("h2", {}, "Artifacts"));
+  const log = h("ol.log", { id: "log" });
+  view.replaceChildren(
+    header,
+    state,
+    errorBox,
+    h("section.charts", {}, loss, quality),
+    resultBox,
+    artifactBox,
+    h("details", {}, h("summary", {}, "Log"), log),
+  );
+  const showError = (error) => {
+    errorBox.textContent = error.message;
+    errorBox.hidden = false;
+  };
+  const curves = [
+    new Curves(loss, ["train_loss", "val_loss"], "Loss"),
+    new Curves(quality, ["val_accuracy", "val_agreement", "val_mse"], "Validation accuracy"),
+  ];
+  signal.addEventListener("abort", () => curves.forEach((c) => c.destroy()));
+
+  let job = null;
+  let finished = false;
+  let poll = null;
+
+  function draw() {
+    const cancel = h("button.danger", {
+      id: "cancel",
+      type: "button",
+      hidden: !ACTIVE.has(job.status) || job.status === "cancelling",
+      onclick: async () => {
+        cancel.disabled = true;
+        try {
+          job = await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" });
+          draw();
+        } catch (error) {
+          showError(error);
+          cancel.disabled = false;
+        }
+      },
+    }, "Cancel job");
+    header.replaceChildren(
+      h("h1", {}, job.name || job.id),
+      h("span", { id: "job-status" }, statusBadge(job.status)),
+      cancel,
+    );
+    const p = job.progress || {};
+    const parts = [];
+    if (ACTIVE.has(job.status)) {
+      if (p.label) parts.push(p.label);
+      else if (p.stages > 1) parts.push(`stage ${p.stage || 1}/${p.stages}`);
+      if (p.epoch) parts.push(`epoch ${p.epoch}/${p.epochs}`);
+      if (p.eta_seconds) parts.push(`about ${fmtDuration(p.eta_seconds)} left`);
+    }
+    parts.push(`created ${fmtAge(job.created_at)}`, job.id, `queue ${job.queue || DASH}`, `attempt ${job.attempt}`);
+    state.replaceChildren(progressBar(job), h("span.muted", {}, parts.join(" · ")));
+    if (job.error) showError({ message: `${job.error.code}: ${job.error.message}` });
+  }
+
+  async function finish() {
+    if (finished) return;
+    finished = true;
+    clearTimeout(poll);
+    if (job.result) resultBox.replaceChildren(h("h2", {}, "Result"), resultTable(job.result), summary(job.result));
+    else resultBox.hidden = true;
+    const artifacts = await api(`/v1/jobs/${jobId}/artifacts`, { signal });
+    artifactBox.replaceChildren(
+      h("h2", {}, "Artifacts"),
+      artifacts.data.length ? artifactList(artifacts.data, showError) : h("p.muted", {}, "None."),
+    );
+  }
+
+  async function refresh() {
+    job = await api(`/v1/jobs/${jobId}`, { signal });
+    draw();
+    if (ACTIVE.has(job.status)) {
+      poll = setTimeout(() => refresh().catch(() => {}), POLL_MS);
+    } else {
+      await finish();
+    }
+  }
+
+  function onEvent(event) {
+    if (event.type === "metrics") curves.forEach((c) => c.add(event.data));
+    else if (event.type === "log") log.append(h("li", {}, `${event.data.message || JSON.stringify(event.data)}`));
+    else if (event.type === "status") log.append(h("li.muted", {}, `status: ${event.data.status}`));
+  }
+
+  signal.addEventListener("abort", () => clearTimeout(poll));
+  try {
+    await refresh();
+    const history = await eventHistory(jobId, signal);
+    history.forEach(onEvent);
+    view.dataset.historyLoaded = "true";
+    if (ACTIVE.has(job.status)) {
+      const last = history.length ? history[history.length - 1].seq : 0;
+      await streamEvents(jobId, last, onEvent, signal);
+      if (!signal.aborted) {
+        clearTimeout(poll);
+        await refresh();
+      }
+    }
+  } catch (error) {
+    if (!signal.aborted) showError(error);
+  }
+}

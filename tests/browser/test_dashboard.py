@@ -1,0 +1,255 @@
+"""The dashboard in headless Chromium against a real API and Celery worker (auth on).
+
+In order, as a user would: the shell loads without a key and asks for one; a teacher and the
+digits go up through the upload forms; the job form shows its defaults and puts a 422 next to
+the field; a job submitted through the form draws a growing curve live, ends with the teacher /
+student / baseline table and hands out the student byte for byte; a running job is cancelled
+from its page. Screenshots land in docs/img/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from core.spec import TrainingSpec
+from tests.browser.conftest import Service, screenshot, with_key
+from tests.conftest import DigitsCNN, train_classifier
+from tests.core.model_files import save_exported_program, save_pickled_model
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def files(
+    digits: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """A narrow CNN teacher (.pt2), the same model pickled, and the digits (.npz) where only
+    10 training images per class keep their label (the others are -1: the transfer set)."""
+    folder = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    teacher = train_classifier(DigitsCNN(width=8), digits["x_train"], digits["y_train"], epochs=12)
+    example = torch.from_numpy(digits["x_train"][:2])
+    data = folder / "digits.npz"
+    y = np.full_like(digits["y_train"], -1)
+    for label in range(10):
+        keep = np.flatnonzero(digits["y_train"] == label)[:10]
+        y[keep] = label
+    np.savez(
+        data,
+        x=digits["x_train"],
+        y=y,
+        x_val=digits["x_test"],
+        y_val=digits["y_test"],
+    )
+    return {
+        "teacher": save_exported_program(teacher, folder / "teacher.pt2", example),
+        "pickle": save_pickled_model(teacher, folder / "pickled.pt"),
+        "dataset": data,
+    }
+
+
+@pytest.fixture(scope="module")
+def uploaded(service: Service) -> dict[str, Any]:
+    """What the upload test put on the server (filled in by it; later tests need it)."""
+    return {}
+
+
+def _job_status(service: Service, job_id: str) -> dict[str, Any]:
+    return service.http.get(f"/v1/jobs/{job_id}").json()
+
+
+def test_shell_loads_without_key_and_asks_for_one(page: Any, service: Service) -> None:
+    shell = service.http.get("/", headers={"Authorization": ""})
+    assert shell.status_code == 200 and shell.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in shell.headers["content-security-policy"]
+    # The JSON API and its docs are untouched, and still need the key.
+    anonymous = service.http.get("/v1/jobs", headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
+    assert service.http.get("/docs").status_code == 200
+    assert "/" not in service.http.get("/openapi.json").json()["paths"]
+
+    page.goto("/")
+    notice = page.locator("#notice")
+    notice.wait_for(state="visible")
+    assert "missing API key" in notice.inner_text()
+    page.fill("#api-key", service.key)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#jobs-table[data-loaded=true]")
+    assert notice.is_hidden()
+    assert page.evaluate("localStorage.getItem('distill.apiKey')") == service.key
+    page.reload()  # the key survives a reload
+    page.wait_for_selector("#jobs-table[data-loaded=true]")
+
+
+def test_upload_forms(
+    page: Any, service: Service, files: dict[str, Path], uploaded: dict[str, Any]
+) -> None:
+    with_key(page, service.key).goto("/uploads")
+
+    form = page.locator("#model-form")
+    form.locator("input[name=file]").set_input_files(str(files["pickle"]))
+    form.locator("button[type=submit]").click()
+    refused = page.locator("#model-form .field-error:visible, #model-form .form-error:visible")
+    refused.first.wait_for()
+    assert "unpickl" in refused.first.inner_text() or "pickle" in refused.first.inner_text()
+
+    form.locator("input[name=file]").set_input_files(str(files["teacher"]))
+    form.locator("input[name=name]").fill("digits-cnn")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#model-form [role=status]:has-text('Uploaded')", timeout=60_000)
+
+    form = page.locator("#dataset-form")
+    form.locator("input[name=file]").set_input_files(str(files["dataset"]))
+    form.locator("input[name=name]").fill("digits")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#dataset-form [role=status]:has-text('Uploaded')", timeout=60_000)
+
+    models = service.http.get("/v1/models").json()["data"]
+    datasets = service.http.get("/v1/datasets").json()["data"]
+    assert [m["name"] for m in models] == ["digits-cnn"]  # the pickle was not stored
+    assert [d["name"] for d in datasets] == ["digits"]
+    assert models[0]["format"] == "exported_program"
+    assert datasets[0]["n_samples"] == len(np.load(files["dataset"])["x"])
+    for table, item in (("#models-table", models[0]), ("#datasets-table", datasets[0])):
+        row = page.locator(f"{table} tr[data-id='{item['id']}']")
+        assert item["name"] in row.inner_text()
+    uploaded.update(model=models[0], dataset=datasets[0])
+    screenshot(page, "dashboard-uploads.png")
+
+
+def test_job_form_defaults_and_field_error(
+    page: Any, service: Service, uploaded: dict[str, Any]
+) -> None:
+    if not uploaded:
+        pytest.skip("needs the uploads of test_upload_forms")
+    with_key(page, service.key).goto("/jobs/new")
+    form = page.locator("#job-form")
+    form.wait_for()
+    defaults = TrainingSpec()
+    assert form.locator("[name='training.epochs']").input_value() == str(defaults.epochs)
+    assert form.locator("[name='training.batch_size']").input_value() == str(defaults.batch_size)
+    assert float(form.locator("[name='training.lr']").input_value()) == defaults.lr
+    assert form.locator("[name='distillation.method']").input_value() == "kd"
+    assert form.locator("[name='teacher.model_id']").input_value() == uploaded["model"]["id"]
+    assert form.locator("[name='dataset_id']").input_value() == uploaded["dataset"]["id"]
+    screenshot(page, "dashboard-new-job.png")
+
+    before = len(service.http.get("/v1/jobs").json()["data"])
+    form.locator("[name='training.epochs']").fill("0")
+    form.locator("#submit-job").click()
+    error = page.locator("[data-error-for='training.epochs']")
+    error.wait_for(state="visible")
+    assert "training.epochs" in error.inner_text()
+    assert "greater than or equal to 1" in error.inner_text()
+    assert form.locator("[name='training.epochs']").get_attribute("aria-invalid") == "true"
+    assert len(service.http.get("/v1/jobs").json()["data"]) == before
+    assert page.url.endswith("/jobs/new")
+
+
+def test_job_live_curve_result_and_download(
+    page: Any, service: Service, uploaded: dict[str, Any], tmp_path: Path
+) -> None:
+    if not uploaded:
+        pytest.skip("needs the uploads of test_upload_forms")
+    with_key(page, service.key).goto("/jobs/new")
+    form = page.locator("#job-form")
+    form.locator("[name=name]").fill("digits-cnn-to-mlp")
+    form.locator("[name='student.preset']").select_option("mlp")
+    form.locator("[name='student.width']").fill("64")
+    form.locator("[name='student.depth']").fill("1")
+    form.locator("[name='training.epochs']").fill("6")
+    form.locator("[name='training.batch_size']").fill("32")
+    form.locator("[name='training.lr']").fill("0.003")
+    form.locator("#submit-job").click()
+    page.wait_for_url("**/jobs/job_*")
+    job_id = page.url.rsplit("/", 1)[1]
+
+    # Sample the plotted points while the job runs: the curve must grow on the open page.
+    seen: list[int] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        points = int(page.locator("#loss-chart").get_attribute("data-points") or 0)
+        if not seen or points != seen[-1]:
+            seen.append(points)
+        if _job_status(service, job_id)["status"] in TERMINAL:
+            break
+        time.sleep(0.1)
+    job = _job_status(service, job_id)
+    assert job["status"] == "succeeded", f"{job['error']} {seen}\n{service.log_tail()}"
+    page.wait_for_selector("#result-table")
+
+    events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
+    metrics = [e for e in events["data"] if e["type"] == "metrics"]
+    assert len(metrics) >= 6  # distilled student, plus the baseline's epochs
+    assert page.locator("#loss-chart").get_attribute("data-points") == str(len(metrics))
+    assert seen == sorted(seen), seen
+    growing = [n for n in seen if 0 < n < len(metrics)]
+    assert len(growing) >= 2, f"the curve did not grow while the page watched: {seen}"
+    assert int(page.locator("#loss-chart").get_attribute("data-series")) >= 4  # 2 labels × 2
+    assert page.locator("#loss-chart canvas").count() == 1
+    assert page.locator("#accuracy-chart canvas").count() == 1
+
+    result = job["result"]
+    table = page.locator("#result-table")
+    for column in ("teacher", "student", "baseline"):
+        assert table.locator(f"th[data-column={column}]").count() == 1
+    student_accuracy = table.locator("tr[data-metric=accuracy] td[data-column=student]")
+    assert student_accuracy.inner_text() == f"{100 * result['student']['accuracy']:.1f}%"
+    assert page.locator("#job-status").inner_text() == "succeeded"
+    assert page.locator("#cancel").is_hidden()
+
+    artifacts = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    onnx = next(a for a in artifacts if a["kind"] == "student_onnx")
+    with page.expect_download() as info:
+        page.click("#artifacts button[data-kind=student_onnx]")
+    download = info.value
+    assert download.suggested_filename == onnx["name"]
+    saved = tmp_path / onnx["name"]
+    download.save_as(saved)
+    digest = hashlib.sha256(saved.read_bytes()).hexdigest()
+    assert digest == onnx["sha256"]
+    assert (
+        digest
+        == hashlib.sha256(
+            service.http.get(f"/v1/artifacts/{onnx['id']}/content").content
+        ).hexdigest()
+    )
+    screenshot(page, "dashboard-job.png")
+
+    page.goto("/")
+    row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
+    row.wait_for()
+    assert row.get_attribute("data-status") == "succeeded"
+    assert row.locator("td.accuracy").inner_text() == f"{100 * result['student']['accuracy']:.1f}%"
+    assert "→" in row.locator("td.sizes").inner_text()
+    screenshot(page, "dashboard-jobs.png")
+
+
+def test_cancel_button(page: Any, service: Service, uploaded: dict[str, Any]) -> None:
+    if not uploaded:
+        pytest.skip("needs the uploads of test_upload_forms")
+    spec = {
+        "teacher": {"model_id": uploaded["model"]["id"]},
+        "dataset_id": uploaded["dataset"]["id"],
+        "student": {"preset": "mlp", "width": 64},
+        "training": {"epochs": 500, "batch_size": 16, "baseline": False},
+    }
+    r = service.http.post("/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    with_key(page, service.key).goto(f"/jobs/{job_id}")
+    page.wait_for_selector("#job-status [data-status=running]", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_selector("#job-status [data-status=cancelled]", timeout=60_000)
+    assert _job_status(service, job_id)["status"] == "cancelled"
+    assert page.locator("#cancel").is_hidden()
+    assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
