@@ -99,6 +99,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+    elif exc.status_code == 400 and message == "There was an error parsing the body":
+        # A body that is not UTF-8: the same answer as one that is not JSON.
+        return error_response(
+            422,
+            "invalid_request",
+            "the request body could not be parsed; send UTF-8 JSON",
+            {"field": ""},
+        )
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 

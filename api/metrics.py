@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.models import JOB_STATUSES, Job
+from core.models import JOB_STATUSES, Job, utcnow
 
 log = logging.getLogger("distill.api")
 
@@ -59,10 +61,112 @@ class JobsCollector(Collector):
         yield depth
 
 
+# Job run time, started → finished: seconds to a day.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+FINISHED = ("succeeded", "failed", "cancelled")
+RUNNING = ("running", "cancelling")
+
+
+def _duration_seconds(dialect: str) -> Any:
+    """SQL for ``finished_at - started_at`` in seconds on this database."""
+    if dialect == "postgresql":
+        return func.extract("epoch", Job.finished_at - Job.started_at)
+    return (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
+
+
+class JobTimesCollector(Collector):
+    """Job durations and worker heartbeats, read from the database at scrape time.
+
+    Any number of API and worker processes share one database, so these are correct for the
+    whole deployment without Prometheus multiprocess mode.
+    """
+
+    def __init__(self, sessions: Callable[[], Session], stale_after_seconds: float) -> None:
+        self.sessions = sessions
+        self.stale_after = stale_after_seconds
+
+    def describe(self) -> Iterator[Any]:
+        yield from self._families()
+
+    def _families(self) -> tuple[Any, ...]:
+        return (
+            HistogramMetricFamily(
+                "distill_job_duration_seconds",
+                "Run time of finished jobs (started to finished), by final status.",
+                labels=["status"],
+            ),
+            GaugeMetricFamily(
+                "distill_job_heartbeat_age_seconds",
+                "Seconds since each running job's worker last renewed its heartbeat.",
+                labels=["job_id"],
+            ),
+            GaugeMetricFamily(
+                "distill_jobs_stale_heartbeat",
+                "Running jobs whose heartbeat is older than the lease (their worker may be gone).",
+            ),
+            GaugeMetricFamily(
+                "distill_job_heartbeat_age_seconds_max",
+                "The oldest heartbeat among running jobs, in seconds (0 when none run).",
+            ),
+        )
+
+    def collect(self) -> Iterator[Any]:
+        durations, ages, stale, oldest = self._families()
+        try:
+            with self.sessions() as session:
+                finished = self._durations(session)
+                beats = session.execute(
+                    select(Job.id, Job.heartbeat_at, Job.started_at).where(Job.status.in_(RUNNING))
+                ).all()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
+            log.warning("could not read job times for /metrics", exc_info=True)
+            return
+        for status, (buckets, total, seconds) in finished.items():
+            durations.add_metric([status], [*buckets, ("+Inf", total)], seconds)
+        now = utcnow()
+        worst, n_stale = 0.0, 0
+        for job_id, beat_at, started_at in beats:
+            moment = beat_at or started_at
+            if moment is None:
+                continue
+            age = max(0.0, (now - _aware(moment)).total_seconds())
+            ages.add_metric([job_id], age)
+            worst = max(worst, age)
+            n_stale += age > self.stale_after
+        stale.add_metric([], n_stale)
+        oldest.add_metric([], worst)
+        yield from (durations, ages, stale, oldest)
+
+    def _durations(self, session: Session) -> dict[str, tuple[list[tuple[str, int]], int, float]]:
+        seconds = _duration_seconds(session.get_bind().dialect.name)
+        columns = [func.sum(case((seconds <= b, 1), else_=0)) for b in DURATION_BUCKETS]
+        rows = session.execute(
+            select(Job.status, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
+            .where(
+                Job.status.in_(FINISHED),
+                Job.started_at.is_not(None),
+                Job.finished_at.is_not(None),
+            )
+            .group_by(Job.status)
+        ).all()
+        out = {}
+        for status, count, total, *cumulative in rows:
+            buckets = [
+                (f"{float(b):g}", int(c or 0))
+                for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)
+            ]
+            out[status] = (buckets, int(count), float(total or 0.0))
+        return out
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class Metrics:
     """The app's registry and its request instruments."""
 
-    def __init__(self, sessions: Callable[[], Session]) -> None:
+    def __init__(self, sessions: Callable[[], Session], stale_after_seconds: float = 30.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "distill_http_requests",
@@ -77,6 +181,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(JobsCollector(sessions))
+        self.registry.register(JobTimesCollector(sessions, stale_after_seconds))
 
 
 class MetricsMiddleware:

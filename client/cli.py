@@ -11,7 +11,13 @@ def _register() -> None:
     # Command modules add themselves to `app`; a missing module means that part is not installed.
     import importlib
 
-    for module in ("client.run_cmd", "client.service_cmds", "client.serve_cmds"):
+    for module in (
+        "client.run_cmd",
+        "client.service_cmds",
+        "client.serve_cmds",
+        "client.resource_cmds",
+        "client.demo_cmd",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(default=5.0, gt=0)
     requeue_after_seconds: float = Field(default=30.0, gt=0)  # re-send a queued job this old
     gpu_workers: bool = False  # route jobs that want a GPU to the gpu queue
+    # A job process whose memory (RSS, its children included) passes this is stopped and the job
+    # fails ``out_of_memory`` (not retried). None: only the machine's (or cgroup's) limit.
+    job_memory_mb: int | None = Field(default=None, gt=0)
 
     # Sandbox for opening uploaded models.
     inspect_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sys
 from contextlib import suppress
+from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, task_postrun, task_prerun
 from kombu import Exchange, Queue
 
 import core.db  # noqa: F401  (tunes SQLite connections, the broker transport's included)
 from core.config import Settings, get_settings
+from core.logging import close_context, format_root_handlers, open_context
 
 JOB_QUEUES = ("cpu", "gpu")
 CONTROL_QUEUE = "control"
@@ -91,6 +94,28 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+_log_tokens: dict[str, Any] = {}
+
+
+@after_setup_logger.connect
+def _log_format(**_: object) -> None:
+    # Celery installs its own handlers; give them distill's format (DISTILL_LOG_FORMAT=json) and
+    # the job context.
+    format_root_handlers()
+
+
+@task_prerun.connect
+def _job_log_context(task_id: str, task: object, args: tuple[object, ...], **_: object) -> None:
+    # Every log line of a job task carries its job_id (the runner adds the tenant).
+    if getattr(task, "name", None) == RUN_JOB_TASK and args:
+        _log_tokens[task_id] = open_context(job_id=str(args[0]))
+
+
+@task_postrun.connect
+def _end_job_log_context(task_id: str, **_: object) -> None:
+    token = _log_tokens.pop(task_id, None)
+    if token is not None:
+        close_context(token)
 
 
 def worker_argv(queues: list[str], concurrency: int = 1, loglevel: str = "INFO") -> list[str]:

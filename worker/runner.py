@@ -9,8 +9,9 @@ here imports torch; only the child does.
 How a child that ends without an answer is settled:
 
 - stopped by us for a cancel request → ``cancelled``; for the time limit → ``timeout``;
+- over ``DISTILL_JOB_MEMORY_MB`` (sampled twice a second) → killed at once, ``out_of_memory``;
 - killed by a signal while its memory was close to the machine's limit → ``out_of_memory``
-  (not retried: the same job on the same kind of worker would die the same way);
+  (neither is retried: the same job on the same kind of worker would die the same way);
 - killed by a signal otherwise (an operator, a node drain) → left ``running``: its heartbeat
   stops and the reconciler re-queues it as ``worker_lost`` while attempts remain, so a transient
   kill is retried from the last checkpoint and a job that keeps killing workers ends failed;
@@ -44,6 +45,7 @@ from core.jobs import (
     heartbeat,
     mark_cancelled,
 )
+from core.logging import bind_log_context
 from core.models import Dataset, Job, Model
 from core.spec import JobSpec
 from worker.checkpoints import (
@@ -81,7 +83,7 @@ class _Watch:
 
     outcome: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    stop_reason: str | None = None  # cancel | timeout | lost
+    stop_reason: str | None = None  # cancel | timeout | lost | memory
     stop_asked_at: float | None = None
     terminated_at: float | None = None
     last_rss: int = 0
@@ -120,7 +122,9 @@ def run_claimed_job(
             attempt = job.attempt
         restore_checkpoints(storage, job_id, Path(payload["work_dir"]))
         watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
-        return _settle(job_id, owner, attempt, watch, payload, session_factory, storage)
+        return _settle(
+            job_id, owner, attempt, watch, payload, session_factory, storage, settings.job_memory_mb
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with session_factory() as session:
@@ -141,6 +145,7 @@ def open_storage(settings: Settings) -> Any:
 
 def _prepare(session: Session, job: Job, storage: Any, work: Path, engine: str) -> dict[str, Any]:
     """Download the job's models and dataset; the child's payload."""
+    bind_log_context(tenant=job.tenant_id)
     spec = JobSpec.model_validate(job.spec)
     ids = [ref.model_id for ref in spec.teacher_refs() if ref.model_id]
     ids += [s.student.model_id for s in spec.chain() if s.student.model_id]
@@ -235,7 +240,11 @@ def _supervise(
                 if now >= next_poll:
                     next_poll = now + CANCEL_POLL_SECONDS
                     _sample_memory(proc.pid, watch)
-                    watch.stop_reason = _should_stop(job_id, owner, session_factory)
+                    if _over_memory(watch, settings):
+                        watch.stop_reason = "memory"
+                        proc.kill()  # no grace: it would only grow further
+                    else:
+                        watch.stop_reason = _should_stop(job_id, owner, session_factory)
                 if watch.stop_reason is None and now >= next_beat:
                     next_beat = now + settings.heartbeat_seconds
                     with session_factory() as session:
@@ -351,9 +360,17 @@ def _sample_memory(pid: int | None, watch: _Watch) -> None:
         watch.last_available = psutil.virtual_memory().available
 
 
-def memory_limit_bytes() -> int:
-    """The memory a job can use here: the cgroup's limit when there is one, else physical RAM."""
+def _over_memory(watch: _Watch, settings: Settings) -> bool:
+    limit = settings.job_memory_mb
+    return limit is not None and watch.last_rss > limit * 2**20
+
+
+def memory_limit_bytes(job_memory_mb: int | None = None) -> int:
+    """The memory a job can use here: ``job_memory_mb`` when set, the cgroup's limit when there
+    is one, else physical RAM (the smallest of them)."""
     total = psutil.virtual_memory().total
+    if job_memory_mb is not None:
+        total = min(total, job_memory_mb * 2**20)
     with suppress(OSError, ValueError):
         text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if text != "max":
@@ -362,7 +379,13 @@ def memory_limit_bytes() -> int:
 
 
 def looks_out_of_memory(rss: int, available: int, limit: int) -> bool:
-    """Whether a child killed by a signal was probably killed for memory (sampled heuristic)."""
+    """Whether a child killed by a signal was probably killed for memory (sampled heuristic).
+
+    No sample (killed before the first one) is not evidence of memory trouble: the job is left
+    to the reconciler, whose retry budget bounds the cost of a wrong guess.
+    """
+    if rss <= 0 and available <= 0:
+        return False
     return rss >= 0.8 * limit or available <= 0.05 * limit
 
 
@@ -377,6 +400,7 @@ def _settle(
     payload: dict[str, Any],
     session_factory: sessionmaker[Session],
     storage: Any,
+    job_memory_mb: int | None = None,
 ) -> str:
     exitcode = watch.exitcode
     with session_factory() as session:
@@ -391,6 +415,13 @@ def _settle(
                 "or use fewer epochs or a smaller student"
             ).to_dict()
             return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+        if watch.stop_reason == "memory":
+            error = OutOfMemory(
+                f"the job process used {watch.last_rss / 2**20:.0f} MiB, over this worker's "
+                f"limit of {job_memory_mb} MiB (DISTILL_JOB_MEMORY_MB), and was stopped; use a "
+                "smaller batch_size or student, or a worker with more memory"
+            ).to_dict()
+            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
         if watch.outcome is not None and exitcode == 0:
             return _succeed(session, job_id, owner, attempt, watch.outcome, payload, storage)
         if watch.error is not None:
@@ -398,7 +429,8 @@ def _settle(
                 return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
             return "failed" if fail_job(session, job_id, watch.error, owner=owner) else "lost"
         if exitcode is not None and exitcode < 0:
-            if looks_out_of_memory(watch.last_rss, watch.last_available, memory_limit_bytes()):
+            limit = memory_limit_bytes(job_memory_mb)
+            if looks_out_of_memory(watch.last_rss, watch.last_available, limit):
                 error = OutOfMemory(
                     f"the job process was killed while using {watch.last_rss / 2**20:.0f} MiB, "
                     "close to this worker's memory; use a smaller batch_size or student, or a "

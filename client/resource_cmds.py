@@ -1,0 +1,528 @@
+"""`distill models|datasets|jobs …`: the service's resources from the command line (the SDK).
+
+Configured by ``DISTILL_URL`` / ``DISTILL_API_KEY`` or ``--url`` / ``--api-key``. ``--json`` prints
+machine-readable JSON (``jobs logs``: one JSON event per line). Errors print one line,
+``error[code]: message``, and exit non-zero: 2 for a bad spec or request, 1 otherwise (a failed or
+cancelled job included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from client.cli import app
+from client.errors import DistillAPIError
+from client.sdk import Client, Event, Job, Resource
+
+models_app = typer.Typer(no_args_is_help=True, help="Uploaded models (teachers, students).")
+datasets_app = typer.Typer(no_args_is_help=True, help="Uploaded transfer sets.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Distillation jobs on the service.")
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+BAD_INPUT_CODES = ("invalid_spec", "shape_mismatch", "invalid_request")
+
+Url = Annotated[
+    str | None,
+    typer.Option("--url", envvar="DISTILL_URL", help="The service [default: 127.0.0.1:8000]."),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="DISTILL_API_KEY", help="API key.", show_default=False),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+Limit = Annotated[int, typer.Option(min=1, max=100, help="Items per page.")]
+After = Annotated[str | None, typer.Option(help="Cursor: the last id of the previous page.")]
+All = Annotated[bool, typer.Option("--all", help="Every item, across pages.")]
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+# --- shared -------------------------------------------------------------------------------------
+
+
+def fail(code: str, message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
+    """One line on stderr, ``error[code]: message``, and the exit code."""
+    err.print(f"[red]error[/red]\\[{code}]: {' '.join(message.split())}", markup=True)
+    raise typer.Exit(exit_code)
+
+
+def api_failure(exc: DistillAPIError) -> NoReturn:
+    message = exc.message
+    if exc.field and exc.field not in message:
+        message += f" (field: {exc.field})"
+    fail(exc.code, message, EXIT_BAD_INPUT if exc.code in BAD_INPUT_CODES else EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def errors() -> Iterator[None]:
+    """API errors and missing files as one line and a non-zero exit."""
+    try:
+        yield
+    except DistillAPIError as exc:
+        api_failure(exc)
+    except FileNotFoundError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        fail("file_not_found", f"{exc.strerror or exc}{where}")
+
+
+def connect(url: str | None, api_key: str | None) -> Client:
+    return Client(url, api_key)
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def as_dict(item: Any) -> Any:
+    return item.to_dict() if isinstance(item, Resource) else item
+
+
+def emit_page(items: list[Any], has_more: bool, table: Table, as_json: bool) -> None:
+    if as_json:
+        print_json({"data": [as_dict(i) for i in items], "has_more": has_more})
+        return
+    out.print(table)
+    if has_more:
+        out.print("[dim]more: pass --after with the last id, or --all[/dim]")
+
+
+def _shape(signature: dict[str, Any], key: str) -> str:
+    shapes = [t.get("shape") for t in (signature or {}).get(key, [])]
+    return ", ".join(str(["N" if d is None else d for d in s]) for s in shapes if s is not None)
+
+
+def _show(item: Resource, as_json: bool) -> None:
+    if as_json:
+        print_json(as_dict(item))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in item.to_dict().items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        table.add_row(f"[bold]{key}[/bold]", text)
+    out.print(table)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def model_table(models: list[Any]) -> Table:
+    table = Table("id", "name", "format", "parameters", "input", "output", "created")
+    for m in models:
+        params = f"{m.parameters:,}" if m.parameters is not None else "–"
+        sig = m.signature or {}
+        table.add_row(
+            m.id, m.name, m.format, params, _shape(sig, "inputs"), _shape(sig, "outputs"),
+            m.created_at[:19],
+        )  # fmt: skip
+    return table
+
+
+@models_app.command("upload")
+def models_upload(
+    path: Annotated[Path, typer.Argument(help="Model file (.pt2, .onnx, .pt, .safetensors).")],
+    name: Annotated[str | None, typer.Option(help="Name (default: the file's stem).")] = None,
+    format: Annotated[str | None, typer.Option(help="Format (detected when absent).")] = None,
+    arch: Annotated[str | None, typer.Option(help="safetensors: built-in architecture.")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="TorchScript: one sample's shape, e.g. '[1, 8, 8]'.")
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a model; the service opens it in a sandbox and records its signature."""
+    shape = _json_list(input_shape, "--input-shape") if input_shape else None
+    with errors(), connect(url, api_key) as client:
+        model = client.models.upload(path, name=name, format=format, arch=arch, input_shape=shape)
+    if as_json:
+        print_json(model.to_dict())
+        return
+    out.print(model_table([model]))
+
+
+def _json_list(text: str, option: str) -> list[int]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        fail("invalid_request", f"{option} takes a JSON list such as '[1, 8, 8]'", EXIT_BAD_INPUT)
+    return value
+
+
+@models_app.command("list")
+def models_list(
+    limit: Limit = 20,
+    after: After = None,
+    all_: All = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """List your models, newest first."""
+    with errors(), connect(url, api_key) as client:
+        if all_:
+            items, more = list(client.models.iter()), False
+        else:
+            page = client.models.list(limit=limit, after=after)
+            items, more = page.data, page.has_more
+    emit_page(items, more, model_table(items), as_json)
+
+
+@models_app.command("show")
+def models_show(
+    model_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Show one model."""
+    with errors(), connect(url, api_key) as client:
+        _show(client.models.get(model_id), as_json)
+
+
+@models_app.command("delete")
+def models_delete(
+    model_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Delete a model (refused while a queued or running job uses it)."""
+    with errors(), connect(url, api_key) as client:
+        body = client.models.delete(model_id)
+    print_json(body) if as_json else out.print(f"deleted {body['id']}")
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+def dataset_table(datasets: list[Any]) -> Table:
+    table = Table("id", "name", "format", "samples", "x", "labels", "classes", "created")
+    for d in datasets:
+        table.add_row(
+            d.id, d.name, d.format, f"{d.n_samples:,}",
+            str(["N" if s is None else s for s in d.x_shape]), "yes" if d.has_labels else "no",
+            str(d.n_classes if d.n_classes is not None else "–"), d.created_at[:19],
+        )  # fmt: skip
+    return table
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help="Transfer set: .npz .csv .parquet .zip .jsonl")],
+    name: Annotated[str | None, typer.Option(help="Name (default: the file's stem).")] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="CSV/Parquet: the column holding the labels.")
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a transfer set; the service checks it and records its shape."""
+    with errors(), connect(url, api_key) as client:
+        dataset = client.datasets.upload(path, name=name, label_column=label_column)
+    print_json(dataset.to_dict()) if as_json else out.print(dataset_table([dataset]))
+
+
+@datasets_app.command("list")
+def datasets_list(
+    limit: Limit = 20,
+    after: After = None,
+    all_: All = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """List your datasets, newest first."""
+    with errors(), connect(url, api_key) as client:
+        if all_:
+            items, more = list(client.datasets.iter()), False
+        else:
+            page = client.datasets.list(limit=limit, after=after)
+            items, more = page.data, page.has_more
+    emit_page(items, more, dataset_table(items), as_json)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Show one dataset."""
+    with errors(), connect(url, api_key) as client:
+        _show(client.datasets.get(dataset_id), as_json)
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    dataset_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    with errors(), connect(url, api_key) as client:
+        body = client.datasets.delete(dataset_id)
+    print_json(body) if as_json else out.print(f"deleted {body['id']}")
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    """A YAML or JSON spec file as a dict (error[invalid_spec] when it is not one)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail("invalid_spec", f"cannot read the spec file {path}: {exc.strerror}", EXIT_BAD_INPUT)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        fail("invalid_spec", f"{path} is not valid YAML/JSON: {first}", EXIT_BAD_INPUT)
+    if not isinstance(data, dict):
+        fail("invalid_spec", f"{path} must hold a mapping (the job spec)", EXIT_BAD_INPUT)
+    return data
+
+
+def upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Replace ``{"path": FILE}`` model refs and ``dataset_path`` with uploaded ids.
+
+    Relative paths are relative to ``base`` (the spec file's folder); each file is uploaded once.
+    """
+    spec = json.loads(json.dumps(spec))
+    uploaded: dict[Path, str] = {}
+
+    def model_ref(ref: Any, field: str) -> None:
+        if not isinstance(ref, dict) or ref.get("path") is None:
+            return
+        path = _local(base, ref.pop("path"), f"{field}.path")
+        options = {k: ref.pop(k, None) for k in ("format", "arch", "input_shape")}
+        if path not in uploaded:
+            err.print(f"uploading {path} …")
+            model = client.models.upload(path, **options)
+            uploaded[path] = model.id
+        ref["model_id"] = uploaded[path]
+
+    model_ref(spec.get("teacher"), "teacher")
+    for i, ref in enumerate(spec.get("teachers") or []):
+        model_ref(ref, f"teachers.{i}")
+    model_ref(spec.get("student"), "student")
+    for i, stage in enumerate(spec.get("stages") or []):
+        if isinstance(stage, dict):
+            model_ref(stage.get("student"), f"stages.{i}.student")
+    if spec.get("dataset_path") is not None:
+        path = _local(base, spec.pop("dataset_path"), "dataset_path")
+        err.print(f"uploading {path} …")
+        spec["dataset_id"] = client.datasets.upload(path).id
+    return spec
+
+
+def _local(base: Path, value: Any, field: str) -> Path:
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        fail("invalid_spec", f"'{field}': no such file {path}", EXIT_BAD_INPUT)
+    return path.resolve()
+
+
+def job_table(jobs: list[Job]) -> Table:
+    table = Table("id", "name", "status", "progress", "student accuracy", "created")
+    for j in jobs:
+        fraction = float((j.progress or {}).get("fraction") or 0.0)
+        student = (j.result or {}).get("student") or {}
+        acc = student.get("accuracy")
+        table.add_row(
+            j.id, j.name or "", j.status, f"{100 * fraction:.0f} %",
+            f"{100 * acc:.2f} %" if acc is not None else "–", j.created_at[:19],
+        )  # fmt: skip
+    return table
+
+
+def finish(job: Job, as_json: bool) -> None:
+    """Print a terminal job (result tables, or its error) and exit 1 unless it succeeded."""
+    from client.render import render_result
+
+    if as_json:
+        print_json(job.to_dict())
+    elif job.status == "succeeded" and job.result:
+        out.print(render_result(job.result))
+    if job.status != "succeeded":
+        error = job.error or {}
+        fail(error.get("code") or job.status, error.get("message") or f"job {job.id} {job.status}")
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML or JSON); see docs/SPEC.md.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting again with the same key returns the same job.")
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Submit a job; local files (teacher path:, dataset_path:) are uploaded first."""
+    body = read_spec(spec)
+    with errors(), connect(url, api_key) as client:
+        body = upload_local_files(client, body, spec.resolve().parent)
+        job = client.jobs.create(body, idempotency_key=idempotency_key)
+        if not wait:
+            if as_json:
+                print_json(job.to_dict())
+            else:
+                out.print(f"submitted {job.id} ({job.status})")
+            return
+        if not as_json:
+            err.print(f"submitted {job.id}")
+        job = job.wait(progress=not as_json)
+    finish(job, as_json)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
+    limit: Limit = 20,
+    after: After = None,
+    all_: All = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """List your jobs, newest first."""
+    with errors(), connect(url, api_key) as client:
+        if all_:
+            items, more = list(client.jobs.iter(status=status)), False
+        else:
+            page = client.jobs.list(status=status, limit=limit, after=after)
+            items, more = page.data, page.has_more
+    emit_page(items, more, job_table(items), as_json)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Show a job: status, progress, latest metrics, and the result or error."""
+    from client.render import render_result
+
+    with errors(), connect(url, api_key) as client:
+        job = client.jobs.get(job_id)
+    if as_json:
+        print_json(job.to_dict())
+        return
+    out.print(job_table([job]))
+    if job.metrics:
+        out.print("metrics: " + _metrics_text(job.metrics))
+    if job.error:
+        out.print(f"[red]error[/red]\\[{job.error.get('code')}]: {job.error.get('message')}")
+    if job.result:
+        out.print(render_result(job.result))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Cancel a job (idempotent)."""
+    with errors(), connect(url, api_key) as client:
+        job = client.jobs.cancel(job_id)
+    print_json(job.to_dict()) if as_json else out.print(f"{job.id}: {job.status}")
+
+
+def _metrics_text(data: dict[str, Any]) -> str:
+    parts = []
+    for key, value in data.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def event_line(event: Event) -> str:
+    """One event as a line of text."""
+    data = event.data
+    if event.type == "status":
+        text = f"status {data.get('status')}"
+        if data.get("error"):
+            text += f" — {data['error'].get('code')}: {data['error'].get('message')}"
+    elif event.type == "log":
+        text = str(data.get("message", ""))
+    else:
+        text = _metrics_text(data)
+    return f"{event.seq:>4}  {event.at[:19]}  {event.type:<8} {text}"
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream live until the end.")] = (
+        False
+    ),
+    after: Annotated[int, typer.Option(min=0, help="Only events after this seq.")] = 0,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """A job's events (state changes, every epoch's metrics, log lines); --follow streams them."""
+    from client.progress import ProgressFeed
+
+    with errors(), connect(url, api_key) as client:
+        if not follow:
+            for event in client.jobs.iter_events(job_id, after=after):
+                typer.echo(json.dumps(event.to_dict()) if as_json else event_line(event))
+            return
+        with ProgressFeed(enabled=not as_json, console=err) as feed:
+            feed.job(client.jobs.get(job_id))
+            for event in client.jobs.stream_events(job_id, after=after):
+                if as_json:
+                    typer.echo(json.dumps(event.to_dict()))
+                    continue
+                out.print(event_line(event), markup=False, highlight=False)
+                feed.event(event)
+                if event.type in ("metrics", "status"):
+                    feed.job(client.jobs.get(job_id))
+        job = client.jobs.get(job_id)
+    if as_json:
+        if job.status != "succeeded":
+            error = job.error or {}
+            fail(error.get("code") or job.status, error.get("message") or f"job {job.status}")
+        return
+    finish(job, as_json=False)
+
+
+@jobs_app.command("download")
+def jobs_download(
+    job_id: str,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the files.")],
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Only these kinds (e.g. student_onnx); repeatable.")
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a job's artifacts (checked against their sha256; partial files are resumed)."""
+    from client.render import human_bytes
+
+    files = []
+    with errors(), connect(url, api_key) as client:
+        artifacts = client.jobs.artifacts(job_id)
+        if kind:
+            artifacts = [a for a in artifacts if a.kind in kind]
+        if not artifacts:
+            job = client.jobs.get(job_id)
+            fail("no_artifacts", f"job {job_id} is {job.status} and has no matching artifacts")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for artifact in artifacts:
+            path = client.artifacts.download(artifact.id, out_dir / artifact.name)
+            files.append({**artifact.to_dict(), "path": str(path)})
+            if not as_json:
+                out.print(f"{path}  ({human_bytes(artifact.size_bytes)}, {artifact.kind})")
+    if as_json:
+        print_json(files)
