@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.spec import ModelInfo
+
+if TYPE_CHECKING:  # torch is only needed by whoever builds these; the CLI starts without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class TransferSet:
     def has_labels(self) -> bool:
         if self.y_train is None:
             return False
-        if self.y_train.dtype == torch.long:
+        if not self.y_train.is_floating_point():
             return bool((self.y_train >= 0).any())
         return True
 
