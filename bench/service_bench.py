@@ -218,7 +218,9 @@ def _download_speed(base: str, work: Path, big: Path) -> dict:
             sha256=blob.sha256,
             storage_key=blob.key,
         )
-        session.add_all([job, art])
+        session.add(job)
+        session.flush()  # the artifact's foreign key needs the job row first
+        session.add(art)
         art_id = art.id
     t0 = time.perf_counter()
     subprocess.run(
