@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -344,6 +345,8 @@ def export_safetensors(
     with _atomic(Path(path)) as tmp_weights, _atomic(json_path) as tmp_json:
         save_file(tensors, str(tmp_weights), metadata=metadata)
         tmp_json.write_text(json.dumps(description, indent=2))
+        # safetensors creates its file private (0600); give it the mode of an ordinary file.
+        os.chmod(tmp_weights, stat.S_IMODE(tmp_json.stat().st_mode))
         if example is not None:
             rebuilt = load_safetensors_student(tmp_weights, tmp_json)
             with _eval_on_cpu(computing) as target:

@@ -32,6 +32,9 @@ from core.errors import InvalidSpec, ModelInvalid
 from core.spec import ModelInfo, TensorInfo
 
 DEFAULT_BATCH = 1024
+# ModuleTeacher on the CPU: larger batches no longer fit the CPU's caches and cost more per
+# sample (a small CNN: 145 µs per image at 1024 against 85 µs at 128).
+CPU_BATCH = 128
 INPUT_SUFFIX = ":input"
 _LINEAR_TYPES = ("Linear", "LazyLinear")
 _TORCH_DTYPES = {
@@ -87,7 +90,7 @@ class ModuleTeacher:
         *,
         size_bytes: int | None = None,
         layer_types: dict[str, str] | None = None,
-        batch_size: int = DEFAULT_BATCH,
+        batch_size: int | None = None,
     ) -> None:
         module.eval()
         for p in module.parameters():  # ScriptModules lack requires_grad_()
@@ -97,7 +100,7 @@ class ModuleTeacher:
         self.parameters = sum(p.numel() for p in module.parameters())
         self.size_bytes = size_bytes if size_bytes is not None else _state_bytes(module)
         self._layer_types = layer_types
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: CPU_BATCH on the CPU, DEFAULT_BATCH elsewhere
         self.device = _module_device(module)
 
     # --- outputs -------------------------------------------------------------------------------
@@ -112,10 +115,12 @@ class ModuleTeacher:
     def _run(self, x: torch.Tensor, fn: Any) -> Any:
         """Call ``fn`` on batches of ``x`` (padded to a frozen batch size) and concatenate."""
         x = x.to(self.device)
-        if len(x) == 0:
-            return fn(x)
         fixed = self._fixed_batch()
-        size = fixed or self.batch_size
+        size = (
+            fixed or self.batch_size or (CPU_BATCH if self.device.type == "cpu" else DEFAULT_BATCH)
+        )
+        if len(x) == 0 or (len(x) <= size and fixed in (None, len(x))):
+            return fn(x)  # one batch: nothing to split or concatenate
         parts = []
         for sl in _chunks(len(x), size):
             xb = x[sl]

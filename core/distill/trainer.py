@@ -37,7 +37,11 @@ from core.spec import TrainingSpec
 
 CACHE_MEMORY_LIMIT = 1 << 30  # teacher outputs larger than this go to a memory-mapped file
 PROGRESS_INTERVAL = 0.5  # seconds between progress events
+# Rows per teacher call while filling the cache (how often cancellation is checked); the
+# teacher splits them into its own batches (ModuleTeacher: small ones on the CPU).
 TEACHER_BATCH = 1024
+DIVERGENCE_CHECK_STEPS = 50  # steps between checks (one host sync) that the loss is finite
+DEVICE_MEMORY_SHARE = 0.5  # share of a GPU's free memory that resident data and cache may use
 
 
 @dataclass
@@ -93,8 +97,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 class TeacherOutputs:
     """Teacher outputs (and features) for the rows of one input tensor, looked up by index.
 
-    Cached: computed once, kept in memory or, above ``limit`` bytes, in memory-mapped files
-    under ``spill_dir``. Live: the teacher runs on every lookup.
+    Cached: computed once, kept in memory (on the training device when it has room) or, above
+    ``limit`` bytes, in memory-mapped files under ``spill_dir``. Live: the teacher runs on every
+    lookup.
     """
 
     def __init__(
@@ -113,54 +118,64 @@ class TeacherOutputs:
         self.cached = cache
         self._store: dict[str, Any] = {}
         self._spill: Path | None = None
+        # Where lookups want their indices: beside the stored outputs (or the live inputs).
+        self._index_device = x.device
         if cache and len(x):
             self._fill(spill_dir, limit, should_stop)
 
-    def _run(self, xb: Tensor) -> dict[str, Tensor]:
-        xb = xb.to(self.device)
+    def _live(self, xb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        xb = xb.to(self.device, non_blocking=True)
         if self.names:
-            out, feats = self.teacher.features(xb, self.names)
-        else:
-            out, feats = self.teacher.predict(xb), {}
-        return {"": out, **feats}
+            return self.teacher.features(xb, self.names)
+        return self.teacher.predict(xb), {}
 
     def _fill(self, spill_dir: Path | None, limit: int, should_stop: StopFn | None) -> None:
         n = len(self.x)
         for start in range(0, n, TEACHER_BATCH):
             if should_stop is not None and should_stop():
                 raise Cancelled("the job was cancelled")
-            part = {
-                k: v.detach().float().cpu()
-                for k, v in self._run(self.x[start : start + TEACHER_BATCH]).items()
-            }
+            out, feats = self._live(self.x[start : start + TEACHER_BATCH])
+            part = {"": out, **feats}
             if not self._store:
                 per_row = sum(v[0].numel() * 4 for v in part.values())
-                self._allocate(part, n, per_row * n > limit, spill_dir)
+                self._allocate(part, n, per_row * n, limit, spill_dir)
             for k, v in part.items():
-                self._store[k][start : start + len(v)] = v.numpy() if self._spill else v
+                rows = self._store[k][start : start + len(v)]
+                if self._spill is not None:
+                    rows[...] = v.detach().float().cpu().numpy()
+                else:
+                    rows.copy_(v.detach())
 
     def _allocate(
-        self, first: dict[str, Tensor], n: int, spill: bool, spill_dir: Path | None
+        self, first: dict[str, Tensor], n: int, size: int, limit: int, spill_dir: Path | None
     ) -> None:
-        if spill:
+        if size > limit:
             self._spill = Path(tempfile.mkdtemp(prefix="teacher-cache-", dir=spill_dir))
+            self._index_device = torch.device("cpu")
             for i, (k, v) in enumerate(first.items()):
                 self._store[k] = np.lib.format.open_memmap(
                     self._spill / f"{i}.npy", mode="w+", dtype=np.float32, shape=(n, *v.shape[1:])
                 )
-        else:
-            for k, v in first.items():
-                self._store[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float32)
+            return
+        where = self.device if size <= _device_room(self.device) else torch.device("cpu")
+        for k, v in first.items():
+            self._store[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float32, device=where)
+        self._index_device = self._store[""].device
 
     def get(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Outputs and features for rows ``idx``, on the training device."""
+        if idx.device != self._index_device:
+            idx = idx.to(self._index_device)
         if not self.cached:
-            found = self._run(self.x[idx])
-        elif self._spill is not None:
+            return self._live(self.x[idx])
+        if self._spill is not None:
             rows = idx.numpy()
             found = {
                 k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self._store.items()
             }
+        elif len(self._store) == 1:
+            out = self._store[""][idx]
+            return out.to(self.device, non_blocking=True), {}
         else:
             found = {k: v[idx] for k, v in self._store.items()}
         found = {k: v.to(self.device, non_blocking=True) for k, v in found.items()}
@@ -171,6 +186,22 @@ class TeacherOutputs:
         self._store.clear()
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
+
+
+def _device_room(device: torch.device) -> int:
+    """Bytes of a GPU's free memory that resident training data and cached outputs may take
+    (on the CPU everything is "resident" already: no limit)."""
+    if device.type != "cuda":
+        return 1 << 62
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_MEMORY_SHARE)
+
+
+def _resident(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """``t`` on ``device`` for the whole run when it fits there, else where it is."""
+    if t is None or t.device.type == device.type or t.nbytes > _device_room(device):
+        return t
+    return t.to(device)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -270,6 +301,12 @@ class _Run:
         self.train_teacher = self.val_teacher = None
         if self.teacher is not None:
             self.teacher = self.teacher.to(self.device)
+        # On a GPU the data stays there for the whole run when it fits: no copy per step.
+        self.x, self.y = _resident(self.x, self.device), _resident(self.y, self.device)
+        self.x_val, self.y_val = (
+            _resident(self.x_val, self.device),
+            _resident(self.y_val, self.device),
+        )
         try:
             if self.teacher is not None and self.method.needs_teacher:
                 self.train_teacher = TeacherOutputs(
@@ -298,8 +335,11 @@ class _Run:
         return source.get(idx)
 
     def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-        xb = self.x[idx].to(self.device, non_blocking=True)
-        yb = self.y[idx].to(self.device, non_blocking=True) if self.y is not None else None
+        xb = self.x[idx]
+        yb = self.y[idx] if self.y is not None else None
+        if xb.device.type != self.device.type:
+            xb = xb.to(self.device, non_blocking=True)
+            yb = yb.to(self.device, non_blocking=True) if yb is not None else None
         return xb, yb
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -339,6 +379,7 @@ class _Run:
         self.method.prepare(*self._batch(first), t_out, t_feats)  # sizes projectors
         self.method.to(self.device)
         self.optimizer = self._optimizer()
+        self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = self._scheduler(self.optimizer)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
@@ -382,46 +423,72 @@ class _Run:
         started = time.monotonic()
         self.method.train()
         perm = torch.randperm(len(self.x), generator=self.shuffle)
+        if perm.device.type != self.x.device.type:
+            perm = perm.to(self.x.device)
         bs = self.spec.batch_size
-        sums: dict[str, Tensor] = {}
-        seen = 0
+        teacher, method, optimizer = self.train_teacher, self.method, self.optimizer
+        clip, scaling = self.spec.grad_clip, self.scaler.is_enabled()
+        # Losses stay on the device (no host sync per step); they are checked for being finite
+        # every DIVERGENCE_CHECK_STEPS steps and summed once at the end of the epoch.
+        records: list[dict[str, Tensor]] = []
+        sizes: list[int] = []
+        checked = 0
         for i in range(self.steps_per_epoch):
             self._check_limits()
             idx = perm[i * bs : (i + 1) * bs]
             xb, yb = self._batch(idx)
-            t_out, t_feats = self._teacher_batch(self.train_teacher, idx)
+            t_out, t_feats = teacher.get(idx) if teacher is not None else (None, {})
             with self._autocast():
-                losses = self.method(xb, yb, t_out, t_feats, epoch)
-            loss = losses["loss"]
-            if not bool(torch.isfinite(loss)):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                    f"lower training.lr (now {self.spec.lr}) or keep grad_clip on",
-                    details={"epoch": epoch + 1, "step": i + 1},
-                )
-            self.scaler.scale(loss).backward()
-            if self.spec.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]],
-                    self.spec.grad_clip,
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+                losses = method(xb, yb, t_out, t_feats, epoch)
+            if scaling:
+                self.scaler.scale(losses["loss"]).backward()
+            else:
+                losses["loss"].backward()
+            if clip is not None:
+                if scaling:
+                    self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(self.clip_params, clip)
+            if scaling:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() * len(idx)
-            seen += len(idx)
+            optimizer.zero_grad(set_to_none=True)
+            records.append({k: v.detach() for k, v in losses.items()})
+            sizes.append(len(idx))
             self.steps_done += 1
-            self._report_progress(epoch, i + 1)
+            if i + 1 - checked >= DIVERGENCE_CHECK_STEPS:
+                self._check_finite(records, checked, epoch)
+                checked = i + 1
+            if self.progress is not None:
+                self._report_progress(epoch, i + 1)
+        self._check_finite(records, checked, epoch)
         row: dict[str, Any] = {"stage": self.stage, "epoch": epoch + 1}
-        row["train_loss"] = float(sums.pop("loss")) / seen
-        row.update({f"train_{k}": float(v) / seen for k, v in sums.items()})
+        sums = _weighted_sums(records, sizes)
+        seen = sum(sizes)
+        row["train_loss"] = sums.pop("loss") / seen
+        row.update({f"train_{k}": v / seen for k, v in sums.items()})
         row.update(self._validate(epoch))
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.monotonic() - started, 3)
         return row
+
+    def _check_finite(self, records: list[dict[str, Tensor]], start: int, epoch: int) -> None:
+        """TrainingDiverged naming the first step from ``start`` on whose loss is not finite."""
+        if start >= len(records):
+            return
+        losses = torch.stack([r["loss"].float() for r in records[start:]])
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        step = start + first + 1
+        raise TrainingDiverged(
+            f"the loss became {float(losses[first])} at epoch {epoch + 1}, step {step}; "
+            f"lower training.lr (now {self.spec.lr}) or keep grad_clip on",
+            details={"epoch": epoch + 1, "step": step},
+        )
 
     def _check_limits(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -436,7 +503,7 @@ class _Run:
         now = time.monotonic()
         last = step_in_epoch == self.steps_per_epoch and epoch + 1 == self.spec.epochs
         if self.progress is None or (now - self.last_event < PROGRESS_INTERVAL and not last):
-            return
+            return  # throttled by time alone: no look at the device
         self.last_event = now
         step = epoch * self.steps_per_epoch + step_in_epoch
         rate = (now - self.loop_started) / self.steps_done
@@ -465,25 +532,28 @@ class _Run:
             return {}
         self.method.eval()
         bs = max(self.spec.batch_size, 256)
-        outs, loss_sum = [], 0.0
+        outs, losses_, sizes = [], [], []
         teacher_outs = []
         for start in range(0, n, bs):
-            idx = torch.arange(start, min(start + bs, n))
+            idx = torch.arange(start, min(start + bs, n), device=self.x_val.device)
             xb = self.x_val[idx].to(self.device)
             yb = self.y_val[idx].to(self.device) if self.y_val is not None else None
             t_out, t_feats = self._teacher_batch(self.val_teacher, idx)
             with self._autocast():
                 out, feats = self.method.run_student(xb)
                 losses = self.method.compute(out, feats, yb, t_out, t_feats, epoch)
-            loss_sum += float(losses["loss"]) * len(idx)
-            outs.append(out.float().cpu())
+            losses_.append(losses["loss"].float())
+            sizes.append(len(idx))
+            outs.append(out.float())
             if t_out is not None:
-                teacher_outs.append(t_out.float().cpu())
+                teacher_outs.append(t_out.float())
         self.method.train()
-        out = torch.cat(outs)
-        t_all = torch.cat(teacher_outs) if teacher_outs else None
+        out = torch.cat(outs).cpu()
+        t_all = torch.cat(teacher_outs).cpu() if teacher_outs else None
+        loss_sum = float((torch.stack(losses_).cpu().double() * torch.tensor(sizes)).sum())
+        y_val = self.y_val.cpu() if self.y_val is not None else None
         metrics = {"val_loss": loss_sum / n}
-        metrics.update(_output_metrics(out, self.y_val, t_all, self.task))
+        metrics.update(_output_metrics(out, y_val, t_all, self.task))
         return metrics
 
     def _update_best(self, epoch: int, row: dict[str, Any]) -> None:
@@ -602,6 +672,18 @@ def _training_rows(
             field="training.baseline",
         )
     return x[keep], y[keep]  # type: ignore[index]
+
+
+def _weighted_sums(records: list[dict[str, Tensor]], sizes: list[int]) -> dict[str, float]:
+    """Per loss part, the sum over steps of its value times the step's batch size (a part a
+    step did not report counts as 0 there)."""
+    sums: dict[str, float] = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        steps = [i for i, r in enumerate(records) if key in r]
+        values = torch.stack([records[i][key].float() for i in steps]).cpu().double()
+        weights = torch.tensor([sizes[i] for i in steps], dtype=torch.float64)
+        sums[key] = float((values * weights).sum())
+    return sums
 
 
 def _output_metrics(

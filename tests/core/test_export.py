@@ -153,6 +153,8 @@ def test_safetensors_rebuilds_from_the_arch_json(student, x_val, digits, tmp_pat
     assert torch.equal(predict(rebuilt, x_val), predict(student, x_val))
     assert _metrics(rebuilt, x_val, digits) == _metrics(student, x_val, digits)
     assert _leftovers(tmp_path) == []
+    # Readable like every other artifact (safetensors alone would leave it 0600).
+    assert path.stat().st_mode & 0o777 == arch_path.stat().st_mode & 0o777
 
 
 def test_safetensors_of_a_structurally_pruned_student(x_val, tmp_path) -> None:

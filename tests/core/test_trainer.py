@@ -171,6 +171,29 @@ def test_nan_loss_is_training_diverged(teacher, data):
     assert "epoch 1, step 1" in err.value.message and "lr" in err.value.message
 
 
+@pytest.mark.parametrize("check_steps", [3, 50])  # checked within the epoch, or at its end
+def test_divergence_mid_run_names_its_step_and_is_not_checkpointed(
+    teacher, data, tmp_path, monkeypatch, check_steps
+):
+    monkeypatch.setattr(trainer_module, "DIVERGENCE_CHECK_STEPS", check_steps)
+    student, m = setup(teacher)
+    compute, calls = m.compute, {"n": 0}
+
+    def poisoned(*args):
+        losses = compute(*args)
+        calls["n"] += 1
+        if calls["n"] == 1 + 10 + 1 + 7:  # sizing forward, epoch 1, its validation, 7 steps
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    m.compute = poisoned  # type: ignore[method-assign]
+    with pytest.raises(TrainingDiverged) as err:
+        train(student, m, data, teacher, spec(), task="classification", checkpoint_dir=tmp_path)
+    assert err.value.details == {"epoch": 2, "step": 7}
+    assert "epoch 2, step 7" in err.value.message
+    assert torch.load(tmp_path / "student-stage1.pt", weights_only=True)["epoch"] == 1
+
+
 def test_should_stop_cancels_and_timeout_stops(teacher, data):
     student, m = setup(teacher)
     with pytest.raises(Cancelled) as err:
