@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # fails ``out_of_memory`` (not retried). None: only the machine's (or cgroup's) limit.
     job_memory_mb: int | None = Field(default=None, gt=0)
 
+    # Optional: every job's per-epoch metrics as TensorBoard scalars under <dir>/<job id>.
+    tensorboard_dir: Path | None = None
+
     # Sandbox for opening uploaded models.
     inspect_timeout_seconds: float = Field(default=60.0, gt=0)
     inspect_memory_mb: int = Field(default=4096, gt=0)

@@ -57,6 +57,17 @@ def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
         with lock:
             conn.send_bytes(data)
 
+    from worker.tensorboard import open_exporter
+
+    exporter, warning = open_exporter(payload.get("tensorboard_dir"))
+    if warning:
+        send({"kind": "event", "type": "log", "data": {"message": warning}})
+
+    def progress(event: Any) -> None:
+        if exporter is not None:
+            exporter.record(event.type, event.data)
+        send({"kind": "event", "type": event.type, "data": event.data})
+
     try:
         module_name, _, func_name = payload["engine"].partition(":")
         engine = getattr(importlib.import_module(module_name), func_name)
@@ -67,7 +78,7 @@ def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
             dataset_options=payload["dataset_options"],
             out_dir=Path(payload["out_dir"]),
             work_dir=Path(payload["work_dir"]),
-            progress=lambda event: send({"kind": "event", "type": event.type, "data": event.data}),
+            progress=progress,
             should_stop=stop_event.is_set,
         )
         send(
@@ -87,6 +98,8 @@ def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
         with contextlib.suppress(Exception):  # the parent is gone; nothing left to tell
             send({"kind": "error", "error": error})
     finally:
+        if exporter is not None:
+            exporter.close()
         conn.close()
 
 

@@ -120,6 +120,8 @@ def run_claimed_job(
                 raise InvalidSpec(f"job {job_id} does not exist", field="job_id")
             payload = _prepare(session, job, storage, work, engine)
             attempt = job.attempt
+        if settings.tensorboard_dir is not None:
+            payload["tensorboard_dir"] = str((settings.tensorboard_dir / job_id).resolve())
         restore_checkpoints(storage, job_id, Path(payload["work_dir"]))
         watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
         return _settle(
