@@ -164,6 +164,18 @@ def _json_list(text: str, option: str) -> list[int]:
     return value
 
 
+def fetch_page(resource: Any, *, limit: int, after: str | None, all_: bool) -> tuple[list, bool]:
+    """One page of a list (or every page with ``--all``) and whether more follow."""
+    if all_:
+        return list(resource.iter()), False
+    page = resource.list(limit=limit, after=after)
+    return page.data, page.has_more
+
+
+def report_deleted(body: dict[str, Any], as_json: bool) -> None:
+    print_json(body) if as_json else out.print(f"deleted {body['id']}")
+
+
 @models_app.command("list")
 def models_list(
     limit: Limit = 20,
@@ -175,11 +187,7 @@ def models_list(
 ) -> None:
     """List your models, newest first."""
     with errors(), connect(url, api_key) as client:
-        if all_:
-            items, more = list(client.models.iter()), False
-        else:
-            page = client.models.list(limit=limit, after=after)
-            items, more = page.data, page.has_more
+        items, more = fetch_page(client.models, limit=limit, after=after, all_=all_)
     emit_page(items, more, model_table(items), as_json)
 
 
@@ -198,8 +206,7 @@ def models_delete(
 ) -> None:
     """Delete a model (refused while a queued or running job uses it)."""
     with errors(), connect(url, api_key) as client:
-        body = client.models.delete(model_id)
-    print_json(body) if as_json else out.print(f"deleted {body['id']}")
+        report_deleted(client.models.delete(model_id), as_json)
 
 
 # --- datasets -----------------------------------------------------------------------------------
@@ -244,11 +251,7 @@ def datasets_list(
 ) -> None:
     """List your datasets, newest first."""
     with errors(), connect(url, api_key) as client:
-        if all_:
-            items, more = list(client.datasets.iter()), False
-        else:
-            page = client.datasets.list(limit=limit, after=after)
-            items, more = page.data, page.has_more
+        items, more = fetch_page(client.datasets, limit=limit, after=after, all_=all_)
     emit_page(items, more, dataset_table(items), as_json)
 
 
@@ -267,8 +270,7 @@ def datasets_delete(
 ) -> None:
     """Delete a dataset (refused while a queued or running job uses it)."""
     with errors(), connect(url, api_key) as client:
-        body = client.datasets.delete(dataset_id)
-    print_json(body) if as_json else out.print(f"deleted {body['id']}")
+        report_deleted(client.datasets.delete(dataset_id), as_json)
 
 
 # --- jobs ---------------------------------------------------------------------------------------
