@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from core.auth import DEFAULT_TENANT, authenticate, get_or_create_tenant
 from core.config import Settings
 from core.errors import NotFound, Unauthorized
+from core.logging import bind_log_context
 from core.models import Artifact, Dataset, Job, Model, Tenant
 from core.storage import Storage
 
@@ -61,6 +62,7 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
         if tenant is None:  # first request: create it (commit only then)
             tenant = get_or_create_tenant(session, DEFAULT_TENANT)
             session.commit()
+        bind_log_context(tenant=tenant.id)
         return tenant
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -68,7 +70,9 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
             "missing API key; send the header 'Authorization: Bearer <key>' "
             "(create a key with `distill keys create --tenant NAME`)"
         )
-    return authenticate(session, key.strip())
+    tenant = authenticate(session, key.strip())
+    bind_log_context(tenant=tenant.id)
+    return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
@@ -86,6 +90,8 @@ def get_owned(session: Session, cls: type[R], id: str, tenant: Tenant) -> R:
             f"no {label} '{id}'; list yours with GET /v1/{label}s",
             details={"id": id, "resource": label},
         )
+    if isinstance(row, Job | Artifact):
+        bind_log_context(job_id=row.id if isinstance(row, Job) else row.job_id)
     return row
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.logging import close_context, open_context
 from core.models import JOB_STATUSES, Job, utcnow
 
 log = logging.getLogger("distill.api")
@@ -197,6 +198,10 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        # A fresh log context per request: dependencies add the tenant and job id to it (the
+        # dict is shared with the threads that run them), and every line logged while the
+        # request is served carries them, this middleware's own request line included.
+        context = open_context()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -211,5 +216,8 @@ class MetricsMiddleware:
             # Unmatched paths share one label so that scanners can't blow up the series count.
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET")
+            seconds = time.perf_counter() - start
             self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(method, template).observe(seconds)
+            log.info("%s %s %s %.1f ms", method, scope.get("path", ""), status, seconds * 1000)
+            close_context(context)

@@ -36,6 +36,7 @@ from api.schemas import (
 from core.config import Settings
 from core.errors import Conflict, InvalidSpec
 from core.jobs import add_event, request_cancel
+from core.logging import bind_log_context
 from core.models import (
     Dataset,
     IdempotencyKey,
@@ -271,6 +272,7 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    bind_log_context(job_id=job.id)
     session.add_all(JobModel(job_id=job.id, model_id=m) for m in model_ids)
     add_event(session, job.id, "status", {"status": "queued"}, first=True)
     if idempotency_key is not None:
