@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_SETTLE_SECONDS = 1.0  # upload a checkpoint only once it has not changed for this long
 
 
 def checkpoint_prefix(job_id: str) -> str:
@@ -53,20 +51,31 @@ def restore_checkpoints(storage: Any, job_id: str, work_dir: Path) -> None:
 
 
 def sync_checkpoints(storage: Any, job_id: str, work_dir: Path, seen: dict[str, Any]) -> None:
-    """Upload ``*.pt`` files that are new or changed and have settled; then the manifest."""
+    """Upload ``*.pt`` files that are new or changed since the last sync; then the manifest.
+
+    The engine writes each checkpoint to a temporary name and renames it into place, so a
+    ``*.pt`` file is always complete; it is copied through one open handle (a consistent
+    snapshot even if the next epoch's checkpoint replaces it meanwhile) and that copy uploaded.
+    """
     if not work_dir.exists():
         return
     changed = False
-    now = time.time()
     for path in sorted(work_dir.rglob("*.pt")):
-        stat = path.stat()
-        signature = (stat.st_mtime_ns, stat.st_size)
-        if seen.get(path.relative_to(work_dir).as_posix()) == signature:
-            continue
-        if now - stat.st_mtime < CHECKPOINT_SETTLE_SECONDS:
-            continue  # may still be being written
         name = path.relative_to(work_dir).as_posix()
-        storage.put_file(checkpoint_prefix(job_id) + name, path)
+        try:
+            with path.open("rb") as src:
+                stat = os.fstat(src.fileno())
+                signature = (stat.st_mtime_ns, stat.st_size)
+                if seen.get(name) == signature:
+                    continue
+                with tempfile.NamedTemporaryFile(dir=work_dir.parent, delete=False) as snap:
+                    shutil.copyfileobj(src, snap)
+        except FileNotFoundError:
+            continue  # replaced between the listing and the open; the next sync takes it
+        try:
+            storage.put_file(checkpoint_prefix(job_id) + name, Path(snap.name))
+        finally:
+            Path(snap.name).unlink(missing_ok=True)
         seen[name] = signature
         changed = True
     if changed:
