@@ -8,6 +8,7 @@ The worker and ``distill run`` both call it; it knows nothing of HTTP, Celery or
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from core.distill.types import (
 )
 from core.errors import Cancelled, ClientError, InvalidSpec, ShapeMismatch
 from core.spec import (
+    MAX_EPOCHS,
     JobSpec,
     KDMethod,
     ModelInfo,
@@ -39,6 +41,7 @@ from core.spec import (
     StageSpec,
     StudentSpec,
     TensorInfo,
+    TrainingSpec,
     complete_spec,
 )
 
@@ -508,14 +511,18 @@ def _train_baseline(
         n_classes=n_classes,
         epochs=spec.training.epochs,
     )
+    training = _same_step_budget(spec.training, data)
     report.start("baseline")
-    report.log("baseline: training the same student on the labels alone")
+    report.log(
+        "baseline: training the same student on the labels alone for the same number of "
+        f"optimizer steps ({training.epochs} epochs over the labeled samples)"
+    )
     result = train(
         student,
         method,
         data,
         teacher,
-        spec.training,
+        training,
         task=spec.task,
         stage=stages,
         stages=stages,
@@ -527,6 +534,28 @@ def _train_baseline(
     report.keep(result.history)
     report.stage_done(stages, stages)
     return result.model.eval()
+
+
+def _same_step_budget(training: TrainingSpec, data: TransferSet) -> TrainingSpec:
+    """The baseline's training settings: as many optimizer steps as the distilled student got.
+
+    The baseline sees only the labeled samples, so with few labels an epoch is a few steps;
+    its epochs (and patience and warmup, which count epochs) are scaled to match.
+    """
+    y = data.y_train
+    labeled = int((y >= 0).sum()) if y is not None and not y.is_floating_point() else len(y)
+    batch = training.batch_size
+    factor = math.ceil(len(data.x_train) / batch) / max(math.ceil(labeled / batch), 1)
+    if factor <= 1:
+        return training
+    patience = training.early_stopping_patience
+    return training.model_copy(
+        update={
+            "epochs": min(MAX_EPOCHS, round(training.epochs * factor)),
+            "early_stopping_patience": None if patience is None else round(patience * factor),
+            "warmup_epochs": training.warmup_epochs * factor,
+        }
+    )
 
 
 # --- evaluation and compression ----------------------------------------------------------------
