@@ -4,7 +4,7 @@ In order, as a user would: the shell loads without a key and asks for one; a tea
 digits go up through the upload forms; the job form shows its defaults and puts a 422 next to
 the field; a job submitted through the form draws a growing curve live, ends with the teacher /
 student / baseline table and hands out the student byte for byte; a running job is cancelled
-from its page. Screenshots land in docs/img/.
+from its page. Screenshots are saved (DISTILL_SCREENSHOT_DIR=docs/img refreshes the README's).
 """
 
 from __future__ import annotations
