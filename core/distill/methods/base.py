@@ -109,6 +109,17 @@ class DistillMethod(nn.Module):
 # --- shared loss pieces --------------------------------------------------------------------------
 
 
+def require_teacher(teacher: Teacher | None, method: str, *, task: str | None = None) -> None:
+    """InvalidSpec unless there is a teacher (and, when ``task`` is given, class logits)."""
+    if teacher is None:
+        raise InvalidSpec(f"method '{method}' needs a teacher", field="distillation.method")
+    if task is not None and task != "classification":
+        raise InvalidSpec(
+            f"method '{method}' needs class logits; use 'mse' for regression",
+            field="distillation.method",
+        )
+
+
 def labeled_mask(y: Tensor | None) -> Tensor | None:
     """For class labels, the samples that have one (``y >= 0``); None when none does."""
     if y is None or y.dtype != torch.long or y.dim() != 1:
@@ -182,8 +193,7 @@ def resolve_hints(
     student_default: str | None = None,
 ) -> list[HintPair]:
     """The hint pairs a method uses: the given ones, checked, or the penultimate features."""
-    if teacher is None:
-        raise InvalidSpec(f"method '{method}' needs a teacher", field="distillation.method")
+    require_teacher(teacher, method)
     if hints:
         for i, pair in enumerate(hints):
             check_layer(student, pair.student, field=f"distillation.hints.{i}.student")

@@ -19,9 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, hard_loss, labeled_mask
+from core.distill.methods.base import (
+    DistillMethod,
+    Losses,
+    hard_loss,
+    labeled_mask,
+    require_teacher,
+)
 from core.distill.types import Teacher
-from core.errors import InvalidSpec
 from core.spec import DKDMethod
 
 _MASKED = 1000.0  # subtracted from the target logit to leave it out of the non-target softmax
@@ -40,13 +45,7 @@ class DKD(DistillMethod):
         epochs: int,
     ) -> None:
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        if teacher is None:
-            raise InvalidSpec("method 'dkd' needs a teacher", field="distillation.method")
-        if task != "classification":
-            raise InvalidSpec(
-                "method 'dkd' needs class logits; use 'mse' for regression",
-                field="distillation.method",
-            )
+        require_teacher(teacher, "dkd", task=task)
         self.spec = spec
 
     def compute(

@@ -13,9 +13,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, output_kd
+from core.distill.methods.base import DistillMethod, Losses, output_kd, require_teacher
 from core.distill.types import Teacher
-from core.errors import InvalidSpec
 from core.spec import KDMethod
 
 
@@ -32,13 +31,7 @@ class KD(DistillMethod):
         epochs: int,
     ) -> None:
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        if teacher is None:
-            raise InvalidSpec("method 'kd' needs a teacher", field="distillation.method")
-        if task != "classification":
-            raise InvalidSpec(
-                "method 'kd' needs class logits; use 'mse' for regression",
-                field="distillation.method",
-            )
+        require_teacher(teacher, "kd", task=task)
         self.temperature = spec.temperature
         self.alpha = spec.alpha
 

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, hard_loss
+from core.distill.methods.base import DistillMethod, Losses, hard_loss, require_teacher
 from core.distill.types import Teacher
-from core.errors import InvalidSpec
 from core.spec import MSEMethod
 
 
@@ -33,8 +32,7 @@ class MSE(DistillMethod):
         epochs: int,
     ) -> None:
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        if teacher is None:
-            raise InvalidSpec("method 'mse' needs a teacher", field="distillation.method")
+        require_teacher(teacher, "mse")
         self.alpha = spec.alpha
 
     def compute(
