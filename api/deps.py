@@ -3,49 +3,50 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from core.auth import DEFAULT_TENANT, authenticate, get_or_create_tenant
+from api.tenants import TenantResolver
 from core.config import Settings
-from core.errors import NotFound, Unauthorized
+from core.errors import NotFound
 from core.logging import bind_log_context
 from core.models import Artifact, Dataset, Job, Model, Tenant
 from core.storage import Storage
 
 log = logging.getLogger("distill.api")
 
-EnqueueFn = Callable[[Session, Job], None]
+EnqueueFn = Callable[[Job], None]
+
+# The dependencies below that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency
+# in a worker thread, and each such hop costs more CPU than the work of a simple request. Database
+# work runs in threads (a busy SQLite file may block for seconds).
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    session = request.app.state.sessions()
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    session = request.app.state.sessions()  # no connection until the first query
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():  # returning the connection rolls back: database I/O
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def default_enqueue(session: Session, job: Job) -> None:
-    """Send the job to its queue through the worker's Celery app."""
-    from worker.dispatch import enqueue_job  # the broker client is only needed here
-
-    enqueue_job(session, job)
-
-
-def get_enqueue(request: Request) -> EnqueueFn:
+async def get_enqueue(request: Request) -> EnqueueFn:
     return request.app.state.enqueue
 
 
@@ -55,22 +56,16 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 EnqueueDep = Annotated[EnqueueFn, Depends(get_enqueue)]
 
 
-def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
-    """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``default`` with auth off)."""
-    if settings.auth == "off":
-        tenant = session.scalar(select(Tenant).where(Tenant.name == DEFAULT_TENANT))
-        if tenant is None:  # first request: create it (commit only then)
-            tenant = get_or_create_tenant(session, DEFAULT_TENANT)
-            session.commit()
-        bind_log_context(tenant=tenant.id)
-        return tenant
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized(
-            "missing API key; send the header 'Authorization: Bearer <key>' "
-            "(create a key with `distill keys create --tenant NAME`)"
-        )
-    tenant = authenticate(session, key.strip())
+async def get_tenant(request: Request) -> Tenant:
+    """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``default`` with auth off).
+
+    A detached snapshot (id, name): compare and copy ``tenant.id``, never attach it to a session.
+    """
+    resolver: TenantResolver = request.app.state.tenants
+    authorization = request.headers.get("authorization", "")
+    tenant = resolver.cached(authorization) or await run_in_threadpool(
+        resolver.resolve, authorization
+    )
     bind_log_context(tenant=tenant.id)
     return tenant
 
@@ -82,8 +77,13 @@ _LABELS = {Model: "model", Dataset: "dataset", Job: "job", Artifact: "artifact"}
 
 
 def get_owned(session: Session, cls: type[R], id: str, tenant: Tenant) -> R:
-    """The row with this id if the tenant owns it; NotFound otherwise (never 403: no leaks)."""
+    """The row with this id if the tenant owns it; NotFound otherwise (never 403: no leaks).
+
+    The read transaction ends here (the row stays loaded), so a handler that only reads needs
+    no further database work, and a handler that writes starts a fresh transaction.
+    """
     row = session.scalar(select(cls).where(cls.id == id, cls.tenant_id == tenant.id))
+    session.commit()
     if row is None:
         label = _LABELS[cls]
         raise NotFound(

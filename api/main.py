@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.dashboard import routes as dashboard
-from api.deps import default_enqueue
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, jobs, models, ops
+from api.tenants import TenantResolver
 from core.config import Settings, get_settings
 from core.db import session_factory
+from core.distill.inspect import keep_inspection_warm
+from core.distill.sandbox import stop_warm
 from core.logging import configure_logging
 from core.spec import JobSpec
 from core.storage import get_storage
@@ -30,12 +34,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:
         configure_logging()  # a server process (uvicorn --factory), not an app made in a test
     settings = settings or Settings()
-    app = FastAPI(title="distill", version="1", description=DESCRIPTION)
+    app = FastAPI(title="distill", version="1", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database)
     app.state.storage = get_storage(settings.storage, s3_endpoint_url=settings.s3_endpoint_url)
+    app.state.tenants = TenantResolver(
+        app.state.sessions, auth=settings.auth == "on", ttl=settings.auth_cache_seconds
+    )
     # Seams: tests swap how jobs reach the broker and what /readyz asks.
-    app.state.enqueue = default_enqueue
+    app.state.job_sender = None
+    app.state.enqueue = lambda job: _job_sender(app).submit(job)
     app.state.readiness_checks = ops.default_checks(settings, app.state.storage)
     app.state.metrics = Metrics(app.state.sessions, stale_after_seconds=settings.lease_seconds)
 
@@ -46,6 +54,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _job_sender(app: FastAPI) -> Any:
+    if app.state.job_sender is None:
+        # The broker client is only needed once a job comes.
+        from worker.celery_app import make_celery
+        from worker.dispatch import JobSender
+
+        app.state.job_sender = JobSender(make_celery(app.state.settings))
+    return app.state.job_sender
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if app.state.settings.warm_sandbox:
+        keep_inspection_warm()  # a new interpreter importing torch: seconds saved per upload
+    yield
+    stop_warm()
+    if app.state.job_sender is not None:  # send what is pending before the process ends
+        app.state.job_sender.close()
 
 
 def app_from_env() -> FastAPI:

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None  # for MinIO and other S3-compatible stores
 
     auth: Literal["on", "off"] = "on"
+    # How long the API remembers which tenant a key belongs to: a revoked key keeps working for
+    # at most this long. 0: look every request's key up in the database.
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
 
     # Worker and reconciler.
@@ -42,6 +45,9 @@ class Settings(BaseSettings):
     # Sandbox for opening uploaded models.
     inspect_timeout_seconds: float = Field(default=60.0, gt=0)
     inspect_memory_mb: int = Field(default=4096, gt=0)
+    # Keep one sandbox process started (torch imported) for the next upload: seconds faster,
+    # at the cost of one idle interpreter (about 300 MB) per API process.
+    warm_sandbox: bool = True
 
     @model_validator(mode="after")
     def _production_needs_servers(self) -> Settings:

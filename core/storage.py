@@ -73,14 +73,18 @@ class Storage(ABC):
         At most ``buffer`` chunks wait between the reader and the writer, so memory stays flat
         whatever the size of the stream.
         """
-        pipe: queue.Queue[Any] = queue.Queue(maxsize=buffer)
+        pipe: queue.SimpleQueue[Any] = queue.SimpleQueue()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         abort = threading.Event()
+        # The reader waits for a free slot, not in sleeps: a reader that polls leaves the socket
+        # unread while it sleeps, and the upload runs at a fraction of the disk's speed.
+        slots = asyncio.Semaphore(buffer)
 
         def consume() -> Iterator[bytes]:
             while True:
                 item = pipe.get()
+                loop.call_soon_threadsafe(slots.release)
                 if item is None:
                     return
                 if item is _ABORT:
@@ -93,6 +97,7 @@ class Storage(ABC):
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
                 abort.set()
                 _drain(pipe)
+                loop.call_soon_threadsafe(slots.release)  # a reader waiting for a slot sees abort
                 loop.call_soon_threadsafe(_settle, done, None, exc)
             else:
                 loop.call_soon_threadsafe(_settle, done, blob, None)
@@ -103,13 +108,13 @@ class Storage(ABC):
                 if abort.is_set():
                     break
                 if chunk:
-                    await _put(pipe, chunk, abort)
+                    await _put(pipe, chunk, slots, abort)
             if not abort.is_set():
-                await _put(pipe, None, abort)
+                await _put(pipe, None, slots, abort)
         except BaseException:
             abort.set()
             _drain(pipe)
-            _offer(pipe, _ABORT)
+            pipe.put(_ABORT)
             with suppress(BaseException):  # the producer's error is the one to report
                 await done
             raise
@@ -160,24 +165,16 @@ def _settle(future: asyncio.Future[Blob], blob: Blob | None, exc: BaseException 
         future.set_result(blob)  # type: ignore[arg-type]
 
 
-async def _put(pipe: queue.Queue[Any], item: Any, abort: threading.Event) -> None:
-    """Put without blocking the event loop; wait (in short sleeps) while the writer catches up."""
-    delay = 0.0005
-    while not abort.is_set():
-        try:
-            pipe.put_nowait(item)
-            return
-        except queue.Full:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+async def _put(
+    pipe: queue.SimpleQueue[Any], item: Any, slots: asyncio.Semaphore, abort: threading.Event
+) -> None:
+    """Hand an item to the writer once it has room (at most ``buffer`` items wait)."""
+    await slots.acquire()
+    if not abort.is_set():
+        pipe.put(item)
 
 
-def _offer(pipe: queue.Queue[Any], item: Any) -> None:
-    with suppress(queue.Full):
-        pipe.put_nowait(item)
-
-
-def _drain(pipe: queue.Queue[Any]) -> None:
+def _drain(pipe: queue.SimpleQueue[Any]) -> None:
     try:
         while True:
             pipe.get_nowait()

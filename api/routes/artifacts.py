@@ -84,7 +84,7 @@ def list_job_artifacts(job: OwnedJobDep, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/v1/artifacts/{artifact_id}", response_model=ArtifactPublic)
-def get_artifact(artifact: OwnedArtifactDep) -> Artifact:
+async def get_artifact(artifact: OwnedArtifactDep) -> Artifact:
     """Get an artifact's metadata."""
     return artifact
 

@@ -147,7 +147,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
-def get_dataset(dataset: OwnedDatasetDep) -> Dataset:
+async def get_dataset(dataset: OwnedDatasetDep) -> Dataset:
     """Get one dataset."""
     return dataset
 

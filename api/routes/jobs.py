@@ -296,10 +296,8 @@ def create_job(
         return job_public(earlier)
 
     try:
-        enqueue(session, job)
-        session.commit()
+        enqueue(job)
     except Exception:  # noqa: BLE001 - the job is saved; the reconciler sends queued jobs again
-        session.rollback()
         log.warning("could not enqueue %s; the reconciler will send it", job.id, exc_info=True)
     return job_public(job)
 
@@ -324,7 +322,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404))
-def get_job(job: OwnedJobDep) -> JobPublic:
+async def get_job(job: OwnedJobDep) -> JobPublic:
     """Get a job: status, progress, latest metrics, and the result or error."""
     return job_public(job)
 

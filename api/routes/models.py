@@ -222,7 +222,7 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
-def get_model(model: OwnedModelDep) -> Model:
+async def get_model(model: OwnedModelDep) -> Model:
     """Get one model."""
     return model
 

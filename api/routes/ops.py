@@ -79,7 +79,7 @@ def run_checks(checks: dict[str, Check], timeout: float) -> dict[str, str]:
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
     """Liveness: the process is up."""
     return Health()
 

@@ -157,10 +157,34 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+def _onnx_field_tags() -> tuple[bytes, ...]:
+    """The encoded tag of every field of ONNX's ModelProto: a model file starts with one."""
+    import onnx
+    from google.protobuf.descriptor import FieldDescriptor
+
+    varints = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_BOOL)
+    tags = []
+    for field in onnx.ModelProto.DESCRIPTOR.fields:
+        # Wire type 0 for integers; 2 (length-delimited) for strings, bytes and messages.
+        value = (field.number << 3) | (0 if field.type in varints else 2)
+        encoded = bytearray()
+        while value >= 0x80:
+            encoded.append((value & 0x7F) | 0x80)
+            value >>= 7
+        encoded.append(value)
+        tags.append(bytes(encoded))
+    return tuple(tags)
+
+
 def _looks_like_onnx(path: Path) -> bool:
     import onnx
     from google.protobuf.message import DecodeError
 
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    # Parsing a large file that is not protobuf at all takes seconds; its first bytes tell.
+    if not head.startswith(_onnx_field_tags()):
+        return False
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError):

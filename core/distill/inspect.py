@@ -12,9 +12,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.distill.sandbox import run_sandboxed
+from core.distill.sandbox import keep_warm, run_sandboxed
 from core.errors import DatasetInvalid, DistillError, ModelInvalid
 from core.spec import DatasetInfo, ModelInfo
+
+# What opening a model or a dataset imports: a spare sandbox child imports them ahead of need.
+INSPECTION_MODULES = ("torch", "core.distill.teachers", "core.distill.data")
 
 
 class ModelInspection(BaseModel):
@@ -31,6 +34,11 @@ class ModelInspection(BaseModel):
 class DatasetInspection(BaseModel):
     format: str
     info: DatasetInfo
+
+
+def keep_inspection_warm() -> None:
+    """Keep a sandbox child ready with torch imported, so an upload pays only for its own file."""
+    keep_warm(INSPECTION_MODULES)
 
 
 def inspect_model_file(

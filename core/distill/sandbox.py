@@ -1,14 +1,17 @@
 """Run one function on untrusted input in a fresh, limited child process.
 
-:func:`run_sandboxed` starts ``python -m core.distill.sandbox`` (a new interpreter, never a fork
-of the caller), limits its address space (``RLIMIT_AS``) and CPU time, and waits at most
-``timeout_s`` of wall time. Arguments go in and results come back as JSON, so nothing the child
-produces is unpickled by the caller. A :class:`~core.errors.DistillError` raised in the child is
+:func:`run_sandboxed` hands the call to ``python -m core.distill.sandbox`` (a new interpreter,
+never a fork of the caller, used for this one call), which limits its address space
+(``RLIMIT_AS``) and CPU time before it touches the input; the caller waits at most ``timeout_s``
+of wall time. :func:`keep_warm` keeps one such child started, its imports done, ahead of need.
+Arguments go in and results come back as JSON, so nothing the child produces is unpickled by
+the caller. A :class:`~core.errors.DistillError` raised in the child is
 raised again in the caller as the same class (matched by ``code``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -19,6 +22,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,47 +45,119 @@ def run_sandboxed(
     """Call ``module:function(**args)`` in a limited child process and return its JSON result.
 
     Exceeding ``timeout_s`` or ``memory_mb`` raises ``error_class`` (ModelInvalid by default)
-    saying which limit was hit.
+    saying which limit was hit. The child is a spare started ahead of time when
+    :func:`keep_warm` was called, otherwise a new one; either way it serves this call alone.
     """
-    request = json.dumps({"func": func_path, "args": args})
+    child = _take_child()
+    try:
+        request = json.dumps(
+            {
+                "func": func_path,
+                "args": args,
+                "result_path": str(child.result_path),
+                "memory_mb": int(memory_mb),
+                "cpu_s": math.ceil(timeout_s) + 1,
+            }
+        )
+        try:
+            _, stderr = child.proc.communicate(request.encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(child.proc)
+            raise error_class(
+                f"opening the file took longer than {timeout_s:g} s and was stopped; check that "
+                "the model's forward pass finishes, or make the file smaller"
+            ) from None
+        finally:
+            _kill(child.proc)
+        payload = _read_result(child.result_path)
+    finally:
+        child.workdir.cleanup()
+    if payload is None:
+        return _no_result(child.proc.returncode, stderr, timeout_s, memory_mb, error_class)
+    if payload.get("ok"):
+        return payload.get("result")
+    if payload.get("memory"):
+        raise error_class(_memory_message(memory_mb))
+    raise _rebuild_error(payload.get("error") or {})
+
+
+# --- children, started on demand or kept warm ----------------------------------------------------
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen[bytes]
+    workdir: tempfile.TemporaryDirectory[str]
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.workdir.name) / "result.json"
+
+
+_lock = threading.Lock()
+_spare: _Child | None = None
+_warm_modules: tuple[str, ...] | None = None  # None: no spare is kept
+
+
+def keep_warm(modules: tuple[str, ...]) -> None:
+    """From now on keep one spare child that has already imported ``modules``.
+
+    Starting an interpreter and importing torch takes seconds; a spare makes a call pay only for
+    its own work. Each child still serves one call and is then killed.
+    """
+    global _warm_modules, _spare
+    with _lock:
+        _warm_modules = modules
+        if _spare is None or _spare.proc.poll() is not None:
+            _spare = _spawn(modules)
+
+
+def stop_warm() -> None:
+    """Stop keeping a spare and end the one waiting (at shutdown)."""
+    global _warm_modules, _spare
+    with _lock:
+        _warm_modules, spare, _spare = None, _spare, None
+    if spare is not None:
+        _kill(spare.proc)
+        spare.workdir.cleanup()
+
+
+def _take_child() -> _Child:
+    global _spare
+    with _lock:
+        child, _spare = _spare, None
+        if child is not None and child.proc.poll() is not None:  # it died while waiting
+            child.workdir.cleanup()
+            child = None
+        if child is None:
+            child = _spawn(_warm_modules or ())
+        if _warm_modules is not None:
+            _spare = _spawn(_warm_modules)
+    return child
+
+
+def _spawn(modules: tuple[str, ...]) -> _Child:
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         OPENBLAS_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p),
-        DISTILL_SANDBOX_MEMORY_MB=str(int(memory_mb)),
-        DISTILL_SANDBOX_CPU_S=str(math.ceil(timeout_s) + 1),
     )
-    with tempfile.TemporaryDirectory(prefix="distill-sandbox-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "core.distill.sandbox", str(result_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=tmp,
-            env=env,
-            start_new_session=True,  # its own process group, so a kill reaches its children
-        )
-        try:
-            _, stderr = proc.communicate(request.encode(), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            raise error_class(
-                f"opening the file took longer than {timeout_s:g} s and was stopped; check that "
-                "the model's forward pass finishes, or make the file smaller"
-            ) from None
-        finally:
-            _kill(proc)
-        payload = _read_result(result_path)
-    if payload is None:
-        return _no_result(proc.returncode, stderr, timeout_s, memory_mb, error_class)
-    if payload.get("ok"):
-        return payload.get("result")
-    if payload.get("memory"):
-        raise error_class(_memory_message(memory_mb))
-    raise _rebuild_error(payload.get("error") or {})
+    workdir = tempfile.TemporaryDirectory(prefix="distill-sandbox-")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.distill.sandbox", ",".join(modules)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=workdir.name,
+        env=env,
+        start_new_session=True,  # its own process group, so a kill reaches its children
+    )
+    return _Child(proc, workdir)
+
+
+atexit.register(stop_warm)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -147,14 +224,15 @@ def _rebuild_error(error: dict[str, Any]) -> DistillError:
 # --- the child ---------------------------------------------------------------------------------
 
 
-def _apply_limits() -> None:
-    memory_mb = int(os.environ.get("DISTILL_SANDBOX_MEMORY_MB", "0"))
-    cpu_s = int(os.environ.get("DISTILL_SANDBOX_CPU_S", "0"))
+def _apply_limits(memory_mb: int, cpu_s: int) -> None:
     if memory_mb > 0:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if cpu_s > 0:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+        # A warm child has already spent CPU time on its imports: the limit is on top of that.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = math.ceil(usage.ru_utime + usage.ru_stime)
+        resource.setrlimit(resource.RLIMIT_CPU, (used + cpu_s, used + cpu_s + 5))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
@@ -169,10 +247,20 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """Child entry point: read {"func", "args"} from stdin, write {"ok", …} to argv[1]."""
-    result_path = Path(argv[1])
-    _apply_limits()
-    request = json.loads(sys.stdin.read())
+    """Child entry point: import argv[1]'s modules, then serve one request read from stdin.
+
+    The request is {"func", "args", "result_path", "memory_mb", "cpu_s"}; {"ok", …} is written
+    to ``result_path``. An empty stdin (the parent stopped keeping this spare) ends the child.
+    """
+    for module in filter(None, argv[1].split(",") if len(argv) > 1 else []):
+        with contextlib.suppress(Exception):  # a module that fails to import fails the call
+            importlib.import_module(module)
+    text_in = sys.stdin.read()
+    if not text_in.strip():
+        return 0
+    request = json.loads(text_in)
+    result_path = Path(request["result_path"])
+    _apply_limits(int(request["memory_mb"]), int(request["cpu_s"]))
     try:
         payload: dict[str, Any] = {"ok": True, "result": _call(request["func"], request["args"])}
         text = json.dumps(payload)
@@ -189,4 +277,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    status = main(sys.argv)
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with torch loaded it takes about a second, and the caller
+    # waits for this process to end.
+    os._exit(status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 
 from core.distill.architectures import build_architecture
 from core.distill.inspect import inspect_dataset_file, inspect_model_file
-from core.distill.sandbox import run_sandboxed
+from core.distill.sandbox import keep_warm, run_sandboxed, stop_warm
 from core.errors import DatasetInvalid, InvalidSpec, ModelInvalid, UnsafeModelFile
 from tests.conftest import DigitsCNN
 from tests.core.model_files import (
@@ -39,6 +40,19 @@ def child_raise(code: str) -> None:
 
 def child_allocate(mb: int) -> int:
     return len(bytearray(mb * 1024 * 1024))
+
+
+def child_started() -> dict:
+    """When this process started, and whether torch was imported before the call came."""
+    import sys
+
+    import psutil
+
+    return {
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+        "torch": "torch" in sys.modules,
+    }
 
 
 def child_crash() -> None:
@@ -95,6 +109,41 @@ def test_memory_limit_is_enforced() -> None:
         run_sandboxed(
             "tests.core.test_sandbox:child_allocate", {"mb": 2048}, timeout_s=60, memory_mb=1024
         )
+
+
+@pytest.fixture
+def warm() -> Iterator[None]:
+    keep_warm(("torch",))
+    yield
+    stop_warm()
+
+
+def test_a_warm_child_has_done_its_imports_and_serves_one_call(warm: None) -> None:
+    time.sleep(0.5)
+    before = time.time()
+    first = run_sandboxed("tests.core.test_sandbox:child_started", {}, timeout_s=60, memory_mb=4096)
+    second = run_sandboxed(
+        "tests.core.test_sandbox:child_started", {}, timeout_s=60, memory_mb=4096
+    )
+    # Started before the call, torch already imported; and a fresh process for every call.
+    assert first["started"] < before and first["torch"]
+    assert second["torch"] and second["pid"] != first["pid"]
+
+
+@pytest.mark.slow
+def test_a_warm_child_still_enforces_the_limits(warm: None) -> None:
+    with pytest.raises(ModelInvalid, match="needs more than 1024 MB"):
+        run_sandboxed(
+            "tests.core.test_sandbox:child_allocate", {"mb": 2048}, timeout_s=60, memory_mb=1024
+        )
+    with pytest.raises(ModelInvalid, match="crashed.*SIGSEGV"):
+        run_sandboxed("tests.core.test_sandbox:child_crash", {}, timeout_s=60, memory_mb=1024)
+    assert (
+        run_sandboxed(
+            "tests.core.test_sandbox:child_echo", {"value": 1}, timeout_s=60, memory_mb=1024
+        )["value"]
+        == 1
+    )
 
 
 def test_a_crash_is_reported_not_propagated() -> None:

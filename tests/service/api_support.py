@@ -79,7 +79,7 @@ def build_api(database_url: str, data_dir: Path, **settings: Any) -> Api:
     app = create_app(config)
     api = Api(app=app, client=TestClient(app), settings=config)
 
-    def record(session: Session, job: Job) -> None:
+    def record(job: Job) -> None:
         api.enqueued.append(job.id)
 
     app.state.enqueue = record

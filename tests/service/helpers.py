@@ -119,8 +119,8 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def start_api(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
-    """uvicorn with the app factory; returns once /healthz answers."""
+def start_api(env: dict[str, str], log_dir: Path, workers: int = 1) -> tuple[Proc, str]:
+    """uvicorn with the app factory (``workers`` processes); returns once /healthz answers."""
     port = free_port()
     proc = Proc(
         "api",
@@ -134,6 +134,8 @@ def start_api(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",
+            str(workers),
         ],
         env,
         log_dir,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from client.cli import app as cli
-from core.auth import hash_key
+from core.auth import hash_key, revoke_key
 from core.models import ApiKey, Tenant
 from tests.service.api_support import (
     Api,
@@ -52,8 +53,9 @@ def test_missing_or_invalid_key_is_401(api: Api, headers: dict[str, str]) -> Non
 
 
 def test_keys_cli_creates_a_working_key_and_revokes_it(
-    api: Api, db_url: str, monkeypatch: pytest.MonkeyPatch
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    api = build_api(db_url, tmp_path, auth_cache_seconds=0)  # every request asks the database
     monkeypatch.setenv("DISTILL_DATABASE_URL", db_url)
     runner = CliRunner()
     created = runner.invoke(cli, ["keys", "create", "--tenant", "acme"])
@@ -80,6 +82,24 @@ def test_keys_cli_creates_a_working_key_and_revokes_it(
 
     unknown = runner.invoke(cli, ["keys", "revoke", "dk_nothing"])
     assert unknown.exit_code == 1 and "no API key" in unknown.output
+
+
+def test_a_revoked_key_stops_working_once_its_cache_entry_expires(
+    db_url: str, tmp_path: Path
+) -> None:
+    api = build_api(db_url, tmp_path, auth_cache_seconds=0.5)
+    tenant = api.tenant("acme")
+    assert api.client.get("/v1/models", headers=tenant.headers).status_code == 200
+    with api.session() as s:
+        revoke_key(s, tenant.key)
+        s.commit()
+    # Still remembered: the API did not ask the database again.
+    assert api.client.get("/v1/models", headers=tenant.headers).status_code == 200
+    time.sleep(0.6)
+    r = api.client.get("/v1/models", headers=tenant.headers)
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    # An unknown key is never remembered as valid, and a failed lookup is not cached.
+    assert api.client.get("/v1/models", headers={"Authorization": "Bearer dk_x"}).status_code == 401
 
 
 def test_auth_off_uses_the_default_tenant(db_url: str, tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ def test_models_and_datasets_lists_page_newest_first(api: Api) -> None:
 
 
 def test_a_broker_failure_keeps_the_job_queued(api: Api, setup: dict[str, str]) -> None:
-    def broker_down(session: object, job: object) -> None:
+    def broker_down(job: object) -> None:
         raise ConnectionError("broker unreachable")
 
     api.app.state.enqueue = broker_down

@@ -22,7 +22,8 @@ def json_lines() -> io.StringIO:
     handler.addFilter(ContextFilter())
     logger = logging.getLogger("distill.api")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not an assignment: it clears the loggers' cache
     yield stream
     logger.removeHandler(handler)
     logger.setLevel(level)
