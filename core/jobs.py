@@ -22,17 +22,8 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 RUNNING_STATUSES = ("running", "cancelling")
 
 
-def add_event(
-    session: Session, job_id: str, type: str, data: dict[str, Any], *, first: bool = False
-) -> JobEvent:
-    """Append an event with the next sequence number (retrying if a concurrent writer won).
-
-    ``first``: the job was created in this transaction, so this is event 1 (no lookup needed).
-    """
-    if first:
-        event = JobEvent(job_id=job_id, seq=1, type=type, data=data, at=utcnow())
-        session.add(event)
-        return event
+def add_event(session: Session, job_id: str, type: str, data: dict[str, Any]) -> JobEvent:
+    """Append an event with the next sequence number (retrying if a concurrent writer won)."""
     for _ in range(20):
         seq = (
             session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +35,7 @@ from api.schemas import (
 )
 from core.config import Settings
 from core.errors import Conflict, InvalidSpec
-from core.jobs import add_event, request_cancel
+from core.jobs import request_cancel
 from core.logging import bind_log_context
 from core.models import (
     Dataset,
@@ -205,6 +205,11 @@ def _replayed_job(session: Session, tenant: Tenant, key: str, digest: str) -> Jo
 # --- responses -----------------------------------------------------------------------------------
 
 
+def _columns(row: Any, cls: type) -> dict[str, Any]:
+    """A transient row's column values, for a Core insert."""
+    return {c.key: getattr(row, c.key) for c in cls.__table__.columns if c.key in row.__dict__}
+
+
 def job_public(job: Job) -> JobPublic:
     """The API's job object: progress is filled in with the spec's stage and epoch counts."""
     spec = job.spec or {}
@@ -258,28 +263,52 @@ def create_job(
 
     spec = parse_spec(body)
     completed, model_ids = resolve_spec(session, tenant, spec)
+    now = utcnow()
     job = Job(
         id=new_id("job"),
         tenant_id=tenant.id,
+        parent_id=None,
         name=completed.name,
         status="queued",
         queue=choose_queue(completed, settings),
         spec=completed.model_dump(mode="json"),
+        progress={},
+        metrics={},
+        result=None,
+        error=None,
         attempt=0,
+        cancel_requested=False,
         idempotency_key=idempotency_key,
         request_hash=digest,
-        enqueued_at=utcnow(),  # recorded with the job; the send follows the commit
+        created_at=now,
+        enqueued_at=now,  # recorded with the job; the send follows the commit
+        started_at=None,
+        finished_at=None,
     )
-    session.add(job)
-    session.flush()
     bind_log_context(job_id=job.id)
-    session.add_all(JobModel(job_id=job.id, model_id=m) for m in model_ids)
-    add_event(session, job.id, "status", {"status": "queued"}, first=True)
+    # Core inserts, not the ORM's unit of work: this is the API's busiest write, and on SQLite
+    # the writers of a process take turns, so its transaction must be short.
+    session.execute(insert(Job.__table__), [_columns(job, Job)])
+    if model_ids:
+        session.execute(
+            insert(JobModel.__table__), [{"job_id": job.id, "model_id": m} for m in model_ids]
+        )
+    session.execute(
+        insert(JobEvent.__table__),
+        [{"job_id": job.id, "seq": 1, "type": "status", "data": {"status": "queued"}, "at": now}],
+    )
     if idempotency_key is not None:
-        session.add(
-            IdempotencyKey(
-                tenant_id=tenant.id, key=idempotency_key, request_hash=digest, job_id=job.id
-            )
+        session.execute(
+            insert(IdempotencyKey.__table__),
+            [
+                {
+                    "tenant_id": tenant.id,
+                    "key": idempotency_key,
+                    "request_hash": digest,
+                    "job_id": job.id,
+                    "created_at": now,
+                }
+            ],
         )
     try:
         session.commit()
