@@ -77,13 +77,8 @@ _LABELS = {Model: "model", Dataset: "dataset", Job: "job", Artifact: "artifact"}
 
 
 def get_owned(session: Session, cls: type[R], id: str, tenant: Tenant) -> R:
-    """The row with this id if the tenant owns it; NotFound otherwise (never 403: no leaks).
-
-    The read transaction ends here (the row stays loaded), so a handler that only reads needs
-    no further database work, and a handler that writes starts a fresh transaction.
-    """
+    """The row with this id if the tenant owns it; NotFound otherwise (never 403: no leaks)."""
     row = session.scalar(select(cls).where(cls.id == id, cls.tenant_id == tenant.id))
-    session.commit()
     if row is None:
         label = _LABELS[cls]
         raise NotFound(
@@ -95,20 +90,38 @@ def get_owned(session: Session, cls: type[R], id: str, tenant: Tenant) -> R:
     return row
 
 
-def owned_model(model_id: str, session: SessionDep, tenant: TenantDep) -> Model:
-    return get_owned(session, Model, model_id, tenant)
+def load_owned(sessions: Callable[[], Session], cls: type[R], id: str, tenant: Tenant) -> R:
+    """:func:`get_owned` in a session of its own: the row comes back loaded and detached.
+
+    A handler that writes uses its own session (``SessionDep``); ``session.delete`` and
+    updates by id work on the detached row.
+    """
+    with sessions() as session:
+        return get_owned(session, cls, id, tenant)
 
 
-def owned_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dataset:
-    return get_owned(session, Dataset, dataset_id, tenant)
+# One thread hop and a short session each, not a request-long session: a plain-``def``
+# dependency costs its own hop, and a ``yield`` dependency more bookkeeping than a simple read.
 
 
-def owned_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Job:
-    return get_owned(session, Job, job_id, tenant)
+async def owned_model(model_id: str, request: Request, tenant: TenantDep) -> Model:
+    return await run_in_threadpool(load_owned, request.app.state.sessions, Model, model_id, tenant)
 
 
-def owned_artifact(artifact_id: str, session: SessionDep, tenant: TenantDep) -> Artifact:
-    return get_owned(session, Artifact, artifact_id, tenant)
+async def owned_dataset(dataset_id: str, request: Request, tenant: TenantDep) -> Dataset:
+    return await run_in_threadpool(
+        load_owned, request.app.state.sessions, Dataset, dataset_id, tenant
+    )
+
+
+async def owned_job(job_id: str, request: Request, tenant: TenantDep) -> Job:
+    return await run_in_threadpool(load_owned, request.app.state.sessions, Job, job_id, tenant)
+
+
+async def owned_artifact(artifact_id: str, request: Request, tenant: TenantDep) -> Artifact:
+    return await run_in_threadpool(
+        load_owned, request.app.state.sessions, Artifact, artifact_id, tenant
+    )
 
 
 OwnedModelDep = Annotated[Model, Depends(owned_model)]
