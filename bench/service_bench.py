@@ -93,12 +93,27 @@ def _upload(base: str) -> tuple[str, str]:
 
 
 def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -> dict:
-    connections = 16
+    connections, threads = 64, 2
     run = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
-        env={**os.environ, **env, "RATE": str(rate), "CONNECTIONS": str(connections)},
+        env={
+            **os.environ,
+            **env,
+            "RATE": str(rate),
+            "THREADS": str(threads),
+            "WRK_DIR": str(WRK_DIR),
+        },
         check=True,
     )
     out = run.stdout
@@ -133,12 +148,14 @@ def latency(mode: str, rate: int, seconds: int, api_workers: int) -> dict:
         ),
     ):
         model, ds = _upload(base)
+        time.sleep(10)  # the uploads' replacement sandbox children finish importing torch
         body = json.dumps({"teacher": {"model_id": model}, "dataset_id": ds})
         job = httpx.post(
             f"{base}/v1/jobs", content=body, headers={"Content-Type": "application/json"}
         ).json()["id"]
-        post = _wrk(f"{base}/v1/jobs", WRK_DIR / "post_job.lua", rate, seconds, {"BODY": body})
+        # GET first: the POST run leaves thousands of jobs and broker sends behind it.
         get = _wrk(f"{base}/v1/jobs/{job}", WRK_DIR / "get.lua", rate, seconds, {})
+        post = _wrk(f"{base}/v1/jobs", WRK_DIR / "post_job.lua", rate, seconds, {"BODY": body})
     return {
         "mode": mode,
         "rate": rate,

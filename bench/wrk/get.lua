@@ -1,7 +1,2 @@
--- GET at about RATE requests/s over CONNECTIONS connections.
-local rate = tonumber(os.getenv("RATE") or "500")
-local connections = tonumber(os.getenv("CONNECTIONS") or "16")
-
-function delay()
-  return math.floor(1000 * connections / rate)
-end
+-- GET at RATE requests/s (see pace.lua).
+dofile(os.getenv("WRK_DIR") .. "/pace.lua")
