@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from queue import SimpleQueue
 
 from celery import Celery
-from sqlalchemy.orm import Session
+from kombu import Producer
 
-from core.models import Job, utcnow
+from core.models import Job
 
 log = logging.getLogger(__name__)
 
 
-def send_job(job_id: str, queue: str, *, app: Celery | None = None) -> None:
-    """Put a job id on its queue (``distill.run_job``)."""
+def send_job(
+    job_id: str, queue: str, *, app: Celery | None = None, producer: Producer | None = None
+) -> None:
+    """Put a job id on its queue (``distill.run_job``), through ``producer`` when given."""
     from worker.celery_app import RUN_JOB_TASK
 
     if app is None:
         from worker.celery_app import celery_app as app
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-
-
-def enqueue_job(session: Session, job: Job, *, app: Celery | None = None) -> None:
-    """Record ``enqueued_at``, commit (so a worker finds the row), then send the job's id.
-
-    A broker that is down does not fail the request: the job stays queued and the reconciler
-    sends it again once ``requeue_after_seconds`` have passed.
-    """
-    if job.enqueued_at is None:  # the API records it with the job, saving a commit
-        job.enqueued_at = utcnow()
-        session.commit()
-    try:
-        send_job(job.id, job.queue, app=app)
-    except Exception:  # noqa: BLE001 - any broker failure; the reconciler re-sends
-        log.warning(
-            "could not send %s to the broker; the reconciler will retry", job.id, exc_info=True
-        )
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer)
 
 
 class JobSender:
@@ -50,7 +35,7 @@ class JobSender:
 
     def __init__(self, app: Celery | None = None) -> None:
         self._app = app
-        self._pending: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._pending: SimpleQueue[tuple[str, str] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -71,8 +56,6 @@ class JobSender:
             thread.join(timeout)
 
     def _run(self) -> None:
-        from worker.celery_app import RUN_JOB_TASK
-
         app = self._app
         if app is None:
             from worker.celery_app import celery_app as app
@@ -83,7 +66,7 @@ class JobSender:
                 # One producer (and broker connection) for every send: acquiring one per message
                 # costs as much as the send itself.
                 producer = producer or app.producer_pool.acquire(block=True)
-                app.send_task(RUN_JOB_TASK, args=[job_id], queue=job_queue, producer=producer)
+                send_job(job_id, job_queue, app=app, producer=producer)
             except Exception:  # noqa: BLE001 - any broker failure; the reconciler re-sends
                 log.warning(
                     "could not send %s to the broker; the reconciler will retry",

@@ -205,11 +205,6 @@ def _replayed_job(session: Session, tenant: Tenant, key: str, digest: str) -> Jo
 # --- responses -----------------------------------------------------------------------------------
 
 
-def _columns(row: Any, cls: type) -> dict[str, Any]:
-    """A transient row's column values, for a Core insert."""
-    return {c.key: getattr(row, c.key) for c in cls.__table__.columns if c.key in row.__dict__}
-
-
 def job_public(job: Job) -> JobPublic:
     """The API's job object: progress is filled in with the spec's stage and epoch counts."""
     spec = job.spec or {}
@@ -264,7 +259,7 @@ def create_job(
     spec = parse_spec(body)
     completed, model_ids = resolve_spec(session, tenant, spec)
     now = utcnow()
-    job = Job(
+    columns: dict[str, Any] = dict(
         id=new_id("job"),
         tenant_id=tenant.id,
         parent_id=None,
@@ -285,10 +280,11 @@ def create_job(
         started_at=None,
         finished_at=None,
     )
+    job = Job(**columns)  # for the response; the row itself is written below
     bind_log_context(job_id=job.id)
     # Core inserts, not the ORM's unit of work: this is the API's busiest write, and on SQLite
     # the writers of a process take turns, so its transaction must be short.
-    session.execute(insert(Job.__table__), [_columns(job, Job)])
+    session.execute(insert(Job.__table__), [columns])
     if model_ids:
         session.execute(
             insert(JobModel.__table__), [{"job_id": job.id, "model_id": m} for m in model_ids]

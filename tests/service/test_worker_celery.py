@@ -21,7 +21,7 @@ from tests.service.helpers import (
     start_worker,
 )
 from worker.celery_app import celery_command, control_argv, make_celery
-from worker.dispatch import enqueue_job
+from worker.dispatch import JobSender
 
 pytestmark = pytest.mark.service
 REDIS_DB = 11  # this module's own Redis database, flushed before and after
@@ -86,8 +86,10 @@ def test_worker_claims_a_sent_job_and_records_its_failure(
         job_id = _orphan_job(stack)
         sessions = session_factory(stack["database_url"])
         sent = time.monotonic()
+        sender = JobSender(make_celery(_settings(stack)))  # what the API sends jobs with
         with sessions() as s:
-            enqueue_job(s, s.get(Job, job_id), app=make_celery(_settings(stack)))
+            sender.submit(s.get(Job, job_id))
+        sender.close()
         job = _wait_status(stack, job_id, "failed", timeout=30)
         took = time.monotonic() - sent
         assert job.error["code"] == "invalid_spec" and "mdl_gone" in job.error["message"]
