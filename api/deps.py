@@ -80,14 +80,18 @@ def get_owned(session: Session, cls: type[R], id: str, tenant: Tenant) -> R:
     """The row with this id if the tenant owns it; NotFound otherwise (never 403: no leaks)."""
     row = session.scalar(select(cls).where(cls.id == id, cls.tenant_id == tenant.id))
     if row is None:
-        label = _LABELS[cls]
-        raise NotFound(
-            f"no {label} '{id}'; list yours with GET /v1/{label}s",
-            details={"id": id, "resource": label},
-        )
+        raise not_found(cls, id)
     if isinstance(row, Job | Artifact):
         bind_log_context(job_id=row.id if isinstance(row, Job) else row.job_id)
     return row
+
+
+def not_found(cls: type[Any], id: str) -> NotFound:
+    label = _LABELS[cls]
+    return NotFound(
+        f"no {label} '{id}'; list yours with GET /v1/{label}s",
+        details={"id": id, "resource": label},
+    )
 
 
 def load_owned(sessions: Callable[[], Session], cls: type[R], id: str, tenant: Tenant) -> R:

@@ -1,4 +1,7 @@
-"""SQLite writers of one process take turns on a lock: none fails, none is left waiting."""
+"""SQLite writers of one process take turns on a lock: none fails, none is left waiting.
+
+Hot-path reads on PostgreSQL (autocommit, no pre-ping) survive a dropped connection.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from core.db import get_engine
+from core.db import get_engine, get_read_engine, read_with_retry
 
 
 @pytest.fixture
@@ -63,3 +66,16 @@ def test_a_failed_write_transaction_lets_the_next_writer_in(engine) -> None:
     assert done.wait(10), "the rolled-back transaction kept the write lock"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id FROM t ORDER BY id")).scalars().all() == [1, 3]
+
+
+def test_a_hot_read_survives_a_postgres_connection_that_was_dropped(postgres_url: str) -> None:
+    engine = get_read_engine(postgres_url)
+    pid = read_with_retry(engine, text("SELECT pg_backend_pid()"))[0]
+    # What a database restart or an idle timeout does to a pooled connection.
+    with get_engine(postgres_url).connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    row = read_with_retry(engine, text("SELECT pg_backend_pid()"))
+    assert row is not None and row[0] != pid  # answered on a new connection, no error
+    with engine.connect() as conn:  # autocommit: a read leaves no transaction open
+        conn.execute(text("SELECT 1"))
+        assert conn.execute(text("SELECT now() = statement_timestamp()")).scalar() is True
