@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from core.spec import TensorInfo
@@ -26,6 +27,19 @@ T = TypeVar("T")
 
 class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+def json_response(
+    body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as the JSON response, serialized once.
+
+    A handler that returns a model instead has it validated again against its
+    ``response_model`` before serialization; the busiest routes skip that.
+    """
+    return Response(
+        body.model_dump_json(), status_code, headers=headers, media_type="application/json"
+    )
 
 
 class Page(BaseModel, Generic[T]):

@@ -33,6 +33,7 @@ from api.schemas import (
     JobPublic,
     JobStatus,
     error_responses,
+    json_response,
 )
 from core.config import Settings
 from core.db import read_with_retry
@@ -239,7 +240,6 @@ def job_public(job: Job | Row[Any]) -> JobPublic:
 )
 def create_job(
     body: Annotated[dict[str, Any], Body(description="the distillation spec")],
-    response: Response,
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
@@ -248,15 +248,13 @@ def create_job(
         str | None,
         Header(alias="Idempotency-Key", min_length=1, max_length=200),
     ] = None,
-) -> JobPublic:
+) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
     digest = request_hash(body)
     if idempotency_key is not None:
         earlier = _replayed_job(session, tenant, idempotency_key, digest)
         if earlier is not None:
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_public(earlier)
+            return _replayed(earlier)
 
     spec = parse_spec(body)
     completed, model_ids = resolve_spec(session, tenant, spec)
@@ -318,15 +316,17 @@ def create_job(
         )
         if earlier is None:
             raise
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-        return job_public(earlier)
+        return _replayed(earlier)
 
     try:
         enqueue(job)
     except Exception:  # noqa: BLE001 - the job is saved; the reconciler sends queued jobs again
         log.warning("could not enqueue %s; the reconciler will send it", job.id, exc_info=True)
-    return job_public(job)
+    return json_response(job_public(job), status_code=201)
+
+
+def _replayed(job: Job) -> Response:
+    return json_response(job_public(job), headers={"Idempotent-Replayed": "true"})
 
 
 @router.get("", response_model=JobList, responses=error_responses(422))
@@ -373,8 +373,7 @@ async def get_job(job_id: str, request: Request, tenant: TenantDep) -> Response:
     """Get a job: status, progress, latest metrics, and the result or error."""
     bind_log_context(job_id=job_id)
     row = await run_in_threadpool(read_job, request.app.state.read_engine, job_id, tenant)
-    # Already a JobPublic: serialized once here rather than validated again by the framework.
-    return Response(job_public(row).model_dump_json(), media_type="application/json")
+    return json_response(job_public(row))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404))
