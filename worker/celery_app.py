@@ -57,7 +57,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
             # hands every option to create_engine), so set it on the class.
             from kombu.transport.sqlalchemy import Transport
 
+            from worker.broker import use_lean_channel
+
             Transport.polling_interval = POLLING_INTERVAL_SECONDS
+            use_lean_channel()
         else:
             transport_options["polling_interval"] = POLLING_INTERVAL_SECONDS
 
