@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server_process = settings is None  # uvicorn --factory, not an app made in a test
     if server_process:
         _configure_server_logging()
-    settings = settings or Settings()
+    settings = settings or get_settings()
     app = FastAPI(title="distill", version="1", description=DESCRIPTION, lifespan=_lifespan)
     app.state.freeze_gc = server_process
     app.state.settings = settings
@@ -97,10 +97,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def app_from_env() -> FastAPI:
     """The app for this environment's settings (``uvicorn --factory api.main:app_from_env``)."""
-    _configure_server_logging()
-    app = create_app(get_settings())
-    app.state.freeze_gc = True
-    return app
+    return create_app()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -152,14 +152,17 @@ def read_with_retry(engine: Engine, statement: Executable) -> Row[Any] | None:
     A dead connection (the database restarted) invalidates the whole pool, so the retry
     gets a new connection; any other error is raised as it is.
     """
-    for attempt in range(2):
-        try:
-            with engine.connect() as conn:
-                return conn.execute(statement).first()
-        except DBAPIError as exc:
-            if attempt or not exc.connection_invalidated:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return _first_row(engine, statement)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return _first_row(engine, statement)
+
+
+def _first_row(engine: Engine, statement: Executable) -> Row[Any] | None:
+    with engine.connect() as conn:
+        return conn.execute(statement).first()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
