@@ -72,7 +72,7 @@ def _job_sender(app: FastAPI) -> Any:
 
 
 def _configure_server_logging() -> None:
-    configure_logging()
+    configure_logging(background=True)
     # MetricsMiddleware logs one line per request, with its duration, tenant and job id;
     # uvicorn's access line would say the same again at the same cost.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -11,14 +11,17 @@ The format comes from ``configure_logging(json=…)`` or, when not given, ``DIST
 
 from __future__ import annotations
 
+import atexit
 import json as jsonlib
 import logging
 import os
+import queue
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 CONTEXT_FIELDS = ("job_id", "tenant")
@@ -105,15 +108,27 @@ def make_formatter(json: bool) -> logging.Formatter:
     return JsonFormatter() if json else logging.Formatter(TEXT_FORMAT)
 
 
-def configure_logging(json: bool | None = None, level: str | int | None = None) -> None:
+def configure_logging(
+    json: bool | None = None, level: str | int | None = None, *, background: bool = False
+) -> None:
     """Send every log record to stderr in one format (replacing the root's handlers).
 
     Under JSON, the server loggers (uvicorn, celery) lose their own handlers and propagate to
-    the root, so that every line of the process is JSON.
+    the root, so that every line of the process is JSON. ``background``: the logging thread only
+    formats the record; a thread of its own writes it (an API's event loop must not wait on a
+    slow disk: it serves every other request meanwhile). Not for processes that fork workers.
     """
+    global _writer
     json = wants_json() if json is None else json
     level = level or os.environ.get("DISTILL_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
+    flush_logging()  # a writer of an earlier configuration
+    stream = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = stream
+    if background:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        _writer = QueueListener(records, stream)  # writes the already formatted message
+        _writer.start()
+        handler = QueueHandler(records)  # formats in the caller, where the log context is
     handler.setFormatter(make_formatter(json))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
@@ -128,6 +143,18 @@ def configure_logging(json: bool | None = None, level: str | int | None = None) 
             server = logging.getLogger(name)
             server.handlers = []
             server.propagate = True
+
+
+def flush_logging() -> None:
+    """Write every record still queued by a ``background`` configuration (and stop its thread)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+_writer: QueueListener | None = None
+atexit.register(flush_logging)
 
 
 def format_root_handlers(json: bool | None = None) -> None:

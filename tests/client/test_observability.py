@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from client.sdk import Job
-from core.logging import JsonFormatter, bind_log_context, configure_logging, log_context
+from core.logging import (
+    JsonFormatter,
+    bind_log_context,
+    configure_logging,
+    flush_logging,
+    log_context,
+)
 from core.models import utcnow
 from tests.client.conftest import Service
 from tests.service.api_support import build_api, insert_job
@@ -43,6 +52,40 @@ def test_json_formatter_carries_the_context(capsys: pytest.CaptureFixture[str]) 
     assert "job_id" not in second and "tenant" not in second
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", None, None)
     assert json.loads(JsonFormatter().format(record))["level"] == "error"
+
+
+class _StuckStream(io.StringIO):
+    """stderr on a disk that stalls: every write waits until ``unstick`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unstick = threading.Event()
+
+    def write(self, text: str) -> int:
+        assert self.unstick.wait(30), "a write was never released"
+        return super().write(text)
+
+
+def test_background_logging_never_waits_on_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = _StuckStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging(json=True, level="INFO", background=True)
+    try:
+        log = logging.getLogger("distill.test")
+        with log_context(job_id="job_1", tenant="acme"):
+            for i in range(3):
+                log.info("request %d", i)  # returns although the stream is stuck
+        assert stream.getvalue() == ""
+        stream.unstick.set()
+        flush_logging()
+    finally:
+        flush_logging()
+        for handler in list(logging.getLogger().handlers):
+            if getattr(handler, "_distill", False):
+                logging.getLogger().removeHandler(handler)
+    lines = _json_lines(stream.getvalue())
+    assert [line["message"] for line in lines] == ["request 0", "request 1", "request 2"]
+    assert all(line["job_id"] == "job_1" and line["tenant"] == "acme" for line in lines)
 
 
 @pytest.mark.service
