@@ -20,8 +20,6 @@ from core.storage import Storage
 
 log = logging.getLogger("distill.api")
 
-EnqueueFn = Callable[[Job], None]
-
 # The dependencies below that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency
 # in a worker thread, and each such hop costs more CPU than the work of a simple request. Database
 # work runs in threads (a busy SQLite file may block for seconds).
@@ -46,14 +44,9 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-async def get_enqueue(request: Request) -> EnqueueFn:
-    return request.app.state.enqueue
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-EnqueueDep = Annotated[EnqueueFn, Depends(get_enqueue)]
 
 
 async def get_tenant(request: Request) -> Tenant:

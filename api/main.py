@@ -13,11 +13,12 @@ from fastapi.openapi.utils import get_openapi
 
 from api.dashboard import routes as dashboard
 from api.errors import install_error_handlers
+from api.job_intake import JobIntake
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, jobs, models, ops
 from api.tenants import TenantResolver
 from core.config import Settings, get_settings
-from core.db import get_read_engine, session_factory
+from core.db import get_engine, get_read_engine, session_factory
 from core.distill.inspect import keep_inspection_warm
 from core.distill.sandbox import stop_warm
 from core.logging import configure_logging
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.freeze_gc = server_process
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database)
+    app.state.job_intake = JobIntake(get_engine(settings.database), settings)
     app.state.read_engine = get_read_engine(settings.database)
     app.state.storage = get_storage(settings.storage, s3_endpoint_url=settings.s3_endpoint_url)
     app.state.tenants = TenantResolver(
@@ -91,6 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()
     yield
     stop_warm()
+    app.state.job_intake.close()
     if app.state.job_sender is not None:  # send what is pending before the process ends
         app.state.job_sender.close()
 

@@ -30,11 +30,21 @@ class LeanChannel(kombu_sqlalchemy.Channel):
             self._queue_ids[queue] = self._get_or_create(queue).id
         return self._queue_ids[queue]
 
+    def create_publish_batch(self, max_size: int) -> LeanPublishBatch:
+        """What ``Producer.batch()`` sends through: many messages, one insert."""
+        return LeanPublishBatch(self)
+
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        table = self.message_cls.__table__
-        values = {"queue_id": self._queue_id(queue), "payload": dumps(payload), "visible": True}
+        row = {"queue_id": self._queue_id(queue), "payload": dumps(payload), "visible": True}
+        batch: LeanPublishBatch | None = kwargs.get("_publish_batch")
+        if batch is not None:
+            batch.rows.append(row)
+        else:
+            self.insert_messages([row])
+
+    def insert_messages(self, rows: list[dict[str, Any]]) -> None:
         try:
-            self.session.execute(insert(table).values(**values))
+            self.session.execute(insert(self.message_cls.__table__), rows)
             self.session.commit()
         except OperationalError:
             self.session.rollback()
@@ -59,6 +69,28 @@ class LeanChannel(kombu_sqlalchemy.Channel):
             return loads(row.payload)
         finally:
             self.session.commit()
+
+
+class LeanPublishBatch:
+    """Messages published in a ``Producer.batch()`` block, inserted together when it ends."""
+
+    def __init__(self, channel: LeanChannel) -> None:
+        self.channel = channel
+        self.rows: list[dict[str, Any]] = []
+
+    def publish(self, message: Any, **kwargs: Any) -> None:
+        self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+
+    def flush(self) -> None:
+        rows, self.rows = self.rows, []
+        if rows:
+            self.channel.insert_messages(rows)
+
+    def discard(self) -> None:
+        self.rows = []
+
+    def close(self) -> None:
+        self.rows = []
 
 
 def use_lean_channel() -> None:

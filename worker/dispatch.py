@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
-from queue import SimpleQueue
 
 from celery import Celery
 from kombu import Producer
 
+from core.batching import BatchingThread
 from core.models import Job
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ def send_job(
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer)
 
 
-class JobSender:
+class JobSender(BatchingThread[tuple[str, str]]):
     """Sends job ids to the broker from one background thread, so a request never waits on it.
 
     The job row is committed (``status=queued``, ``enqueued_at``) before its id is handed over,
@@ -33,48 +32,46 @@ class JobSender:
     reconciler, which re-sends queued jobs after ``requeue_after_seconds``.
     """
 
+    name = "job-sender"
+
     def __init__(self, app: Celery | None = None) -> None:
+        super().__init__()
         self._app = app
-        self._pending: SimpleQueue[tuple[str, str] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._producer: Producer | None = None
 
     def submit(self, job: Job) -> None:
         """Queue the job's id for sending; returns at once."""
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="job-sender", daemon=True)
-                self._thread.start()
-        self._pending.put((job.id, job.queue))
+        self.put((job.id, job.queue))
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is pending (waiting at most ``timeout`` seconds), then stop the thread."""
-        with self._lock:
-            thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._pending.put(None)
-            thread.join(timeout)
+        super().close(timeout)
+        if self._producer is not None and not self.running:
+            self._producer.release()
+            self._producer = None
 
-    def _run(self) -> None:
-        app = self._app
-        if app is None:
-            from worker.celery_app import celery_app as app
-        producer = None
-        while (item := self._pending.get()) is not None:
-            job_id, job_queue = item
-            try:
-                # One producer (and broker connection) for every send: acquiring one per message
-                # costs as much as the send itself.
-                producer = producer or app.producer_pool.acquire(block=True)
-                send_job(job_id, job_queue, app=app, producer=producer)
-            except Exception:  # noqa: BLE001 - any broker failure; the reconciler re-sends
-                log.warning(
-                    "could not send %s to the broker; the reconciler will retry",
-                    job_id,
-                    exc_info=True,
-                )
-                if producer is not None:
-                    producer.release()
-                    producer = None
-        if producer is not None:
-            producer.release()
+    def handle(self, batch: list[tuple[str, str]]) -> None:
+        if self._app is None:
+            from worker.celery_app import celery_app
+
+            self._app = celery_app
+        try:
+            # One producer (and broker connection) for every send: acquiring one per message
+            # costs as much as the send itself.
+            producer = self._producer = self._producer or self._app.producer_pool.acquire(
+                block=True
+            )
+            # What is pending goes out as one broker write (a Redis pipeline, one insert on the
+            # embedded broker): per job, that is most of what a send costs.
+            with producer.batch(max_size=self.batch_size):
+                for job_id, job_queue in batch:
+                    send_job(job_id, job_queue, app=self._app, producer=producer)
+        except Exception:  # noqa: BLE001 - any broker failure; the reconciler re-sends
+            log.warning(
+                "could not send %s to the broker; the reconciler will retry",
+                ", ".join(job_id for job_id, _ in batch),
+                exc_info=True,
+            )
+            if self._producer is not None:
+                self._producer.release()
+                self._producer = None

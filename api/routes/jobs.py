@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Engine, Row, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, Row, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import (
-    EnqueueDep,
-    OwnedJobDep,
-    SessionDep,
-    SettingsDep,
-    TenantDep,
-    not_found,
-    page,
-)
+from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
+from api.job_intake import PUBLIC_COLUMNS, JobRequest
 from api.schemas import (
     EventList,
     EventPublic,
@@ -35,28 +25,14 @@ from api.schemas import (
     error_responses,
     json_response,
 )
-from core.config import Settings
 from core.db import read_with_retry
-from core.errors import Conflict, InvalidSpec
 from core.jobs import request_cancel
 from core.logging import bind_log_context
-from core.models import (
-    Dataset,
-    IdempotencyKey,
-    Job,
-    JobEvent,
-    JobModel,
-    Model,
-    Tenant,
-    new_id,
-    utcnow,
-)
-from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
+from core.models import Job, JobEvent, Tenant
 
 log = logging.getLogger("distill.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
 
-IDEMPOTENCY_TTL = timedelta(hours=24)
 TERMINAL = ("succeeded", "failed", "cancelled")
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -67,142 +43,6 @@ SPEC_BODY = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
     }
 }
-
-
-# --- validation against what the tenant has uploaded ------------------------------------------
-
-
-def _model_for(session: Session, tenant: Tenant, ref: ModelRef, field: str) -> Model:
-    if ref.path is not None:
-        raise InvalidSpec(
-            f"'{field}.path' is for `distill run` on local files; upload the model with "
-            "POST /v1/models and give its model_id",
-            field=f"{field}.path",
-        )
-    if ref.format is not None or ref.arch is not None:
-        which = "format" if ref.format is not None else "arch"
-        raise InvalidSpec(
-            f"'{field}.{which}' is for local files; the service uses what it recorded when the "
-            "model was uploaded, so remove it",
-            field=f"{field}.{which}",
-        )
-    model = session.scalar(
-        select(Model).where(Model.id == ref.model_id, Model.tenant_id == tenant.id)
-    )
-    if model is None:
-        raise InvalidSpec(
-            f"no model '{ref.model_id}'; upload it with POST /v1/models (GET /v1/models lists "
-            "yours)",
-            field=f"{field}.model_id",
-        )
-    return model
-
-
-def model_info(model: Model) -> ModelInfo:
-    """The ModelInfo recorded for an uploaded model."""
-    return ModelInfo(
-        format=model.format,
-        inputs=model.signature["inputs"],
-        outputs=model.signature["outputs"],
-        trainable=model.trainable,
-        arch=model.arch,
-    )
-
-
-def resolve_spec(session: Session, tenant: Tenant, spec: JobSpec) -> tuple[JobSpec, list[str]]:
-    """Check every id against the tenant's uploads and complete the spec.
-
-    Returns the completed spec and the ids of the models the job uses.
-    """
-    teachers: list[Model] = []
-    if spec.teacher is not None:
-        teachers.append(_model_for(session, tenant, spec.teacher, "teacher"))
-    for i, ref in enumerate(spec.teachers or []):
-        teachers.append(_model_for(session, tenant, ref, f"teachers.{i}"))
-
-    students: list[tuple[str, Any]] = []
-    if spec.student is not None:
-        students.append(("student", spec.student))
-    for i, stage in enumerate(spec.stages or []):
-        students.append((f"stages.{i}.student", stage.student))
-    used = [m.id for m in teachers]
-    for field, student in students:
-        if student.path is not None:
-            raise InvalidSpec(
-                f"'{field}.path' is for `distill run`; upload the student with POST /v1/models "
-                "and give its model_id",
-                field=f"{field}.path",
-            )
-        if student.model_id is None:
-            continue
-        model = _model_for(session, tenant, ModelRef(model_id=student.model_id), field)
-        if not model.trainable:
-            raise InvalidSpec(
-                f"model '{model.id}' ({model.format}) cannot be trained; a student must be an "
-                "exported_program, torchscript or safetensors upload, or a preset",
-                field=f"{field}.model_id",
-            )
-        used.append(model.id)
-
-    if spec.dataset_path is not None:
-        raise InvalidSpec(
-            "'dataset_path' is for `distill run`; upload the dataset with POST /v1/datasets and "
-            "give its dataset_id",
-            field="dataset_path",
-        )
-    dataset = session.scalar(
-        select(Dataset).where(Dataset.id == spec.dataset_id, Dataset.tenant_id == tenant.id)
-    )
-    if dataset is None:
-        raise InvalidSpec(
-            f"no dataset '{spec.dataset_id}'; upload it with POST /v1/datasets (GET "
-            "/v1/datasets lists yours)",
-            field="dataset_id",
-        )
-    completed = complete_spec(
-        spec, [model_info(m) for m in teachers], DatasetInfo.model_validate(dataset.info)
-    )
-    return completed, list(dict.fromkeys(used))
-
-
-def choose_queue(spec: JobSpec, settings: Settings) -> str:
-    """``gpu`` when the job asks for CUDA, or says ``auto`` and GPU workers exist; else ``cpu``."""
-    device = spec.training.device
-    if device.startswith("cuda") or (device == "auto" and settings.gpu_workers):
-        return "gpu"
-    return "cpu"
-
-
-def request_hash(body: Any) -> str:
-    return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _replayed_job(session: Session, tenant: Tenant, key: str, digest: str) -> Job | None:
-    """The job an earlier request with this Idempotency-Key created, if still remembered."""
-    row = session.scalar(
-        select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == key
-        )
-    )
-    if row is None:
-        return None
-    if _aware(row.created_at) < datetime.now(UTC) - IDEMPOTENCY_TTL:
-        session.delete(row)
-        session.flush()
-        return None
-    if row.request_hash != digest:
-        raise Conflict(
-            f"Idempotency-Key '{key}' was already used with a different request body; "
-            "use a new key for a new job",
-            details={"job_id": row.job_id},
-        )
-    return session.get(Job, row.job_id)
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -238,94 +78,30 @@ def job_public(job: Job | Row[Any]) -> JobPublic:
     | error_responses(409, 422),
     openapi_extra=SPEC_BODY,
 )
-def create_job(
+async def create_job(
     body: Annotated[dict[str, Any], Body(description="the distillation spec")],
-    session: SessionDep,
+    request: Request,
     tenant: TenantDep,
-    settings: SettingsDep,
-    enqueue: EnqueueDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", min_length=1, max_length=200),
     ] = None,
 ) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
-    digest = request_hash(body)
-    if idempotency_key is not None:
-        earlier = _replayed_job(session, tenant, idempotency_key, digest)
-        if earlier is not None:
-            return _replayed(earlier)
-
-    spec = parse_spec(body)
-    completed, model_ids = resolve_spec(session, tenant, spec)
-    now = utcnow()
-    columns: dict[str, Any] = dict(
-        id=new_id("job"),
-        tenant_id=tenant.id,
-        parent_id=None,
-        name=completed.name,
-        status="queued",
-        queue=choose_queue(completed, settings),
-        spec=completed.model_dump(mode="json"),
-        progress={},
-        metrics={},
-        result=None,
-        error=None,
-        attempt=0,
-        cancel_requested=False,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        created_at=now,
-        enqueued_at=now,  # recorded with the job; the send follows the commit
-        started_at=None,
-        finished_at=None,
-    )
-    job = Job(**columns)  # for the response; the row itself is written below
+    state = request.app.state
+    taking_in = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
+    job, replayed = await asyncio.wrap_future(taking_in)
     bind_log_context(job_id=job.id)
-    # Core inserts, not the ORM's unit of work: this is the API's busiest write, and on SQLite
-    # the writers of a process take turns, so its transaction must be short.
-    session.execute(insert(Job.__table__), [columns])
-    if model_ids:
-        session.execute(
-            insert(JobModel.__table__), [{"job_id": job.id, "model_id": m} for m in model_ids]
-        )
-    session.execute(
-        insert(JobEvent.__table__),
-        [{"job_id": job.id, "seq": 1, "type": "status", "data": {"status": "queued"}, "at": now}],
-    )
-    if idempotency_key is not None:
-        session.execute(
-            insert(IdempotencyKey.__table__),
-            [
-                {
-                    "tenant_id": tenant.id,
-                    "key": idempotency_key,
-                    "request_hash": digest,
-                    "job_id": job.id,
-                    "created_at": now,
-                }
-            ],
-        )
+    if replayed:
+        return _replayed(job)
     try:
-        session.commit()
-    except IntegrityError:
-        # The same key raced us; whoever committed first owns it.
-        session.rollback()
-        earlier = (
-            _replayed_job(session, tenant, idempotency_key, digest) if idempotency_key else None
-        )
-        if earlier is None:
-            raise
-        return _replayed(earlier)
-
-    try:
-        enqueue(job)
+        state.enqueue(job)
     except Exception:  # noqa: BLE001 - the job is saved; the reconciler sends queued jobs again
         log.warning("could not enqueue %s; the reconciler will send it", job.id, exc_info=True)
     return json_response(job_public(job), status_code=201)
 
 
-def _replayed(job: Job) -> Response:
+def _replayed(job: Row[Any]) -> Response:
     return json_response(job_public(job), headers={"Idempotent-Replayed": "true"})
 
 
@@ -348,12 +124,6 @@ def list_jobs(
     return {"data": [job_public(j) for j in data], "has_more": has_more}
 
 
-# The columns of a job that its public form shows (``job_public`` reads them by name).
-_PUBLIC_COLUMNS = [
-    Job.__table__.c[name] for name in JobPublic.model_fields if name in Job.__table__.c
-]
-
-
 def read_job(engine: Engine, job_id: str, tenant: Tenant) -> Row[Any]:
     """The public columns of the tenant's job: one Core query (``engine``: a read engine).
 
@@ -361,7 +131,7 @@ def read_job(engine: Engine, job_id: str, tenant: Tenant) -> Row[Any]:
     query itself.
     """
     table = Job.__table__
-    query = select(*_PUBLIC_COLUMNS).where(table.c.id == job_id, table.c.tenant_id == tenant.id)
+    query = select(*PUBLIC_COLUMNS).where(table.c.id == job_id, table.c.tenant_id == tenant.id)
     row = read_with_retry(engine, query)
     if row is None:
         raise not_found(Job, job_id)

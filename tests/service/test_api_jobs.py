@@ -6,13 +6,17 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from api.job_intake import JobIntake, JobRequest, take_in
+from core.db import get_engine
+from core.errors import Conflict, InvalidSpec
 from core.jobs import add_event
-from core.models import Job, JobModel
+from core.models import Job, JobModel, Tenant
 from tests.conftest import POSTGRES_URL, require_service
 from tests.service.api_support import (
     Api,
@@ -335,3 +339,50 @@ def test_a_broker_failure_keeps_the_job_queued(api: Api, setup: dict[str, str]) 
     assert r.status_code == 201 and r.json()["status"] == "queued"
     # The row is there for the reconciler to send again.
     assert _job_count(api, setup["tenant"]) == 1
+
+
+def test_one_intake_batch_answers_each_request_on_its_own(api: Api, setup: dict[str, str]) -> None:
+    """A batch that mixes new jobs, bad specs, a key used twice and a reused key with another
+    body: each request gets its own answer, and only the new jobs are stored."""
+    tenant = Tenant(id=setup["tenant"], name="")
+    stranger = Tenant(id=api.tenant().id, name="")
+    good = _spec(setup)
+    requests = [
+        JobRequest(tenant, good),
+        JobRequest(tenant, {**good, "dataset_id": "ds_missing"}),
+        JobRequest(tenant, good, "key-1"),
+        JobRequest(tenant, good, "key-1"),  # the same key in the same batch: a replay
+        JobRequest(stranger, good),  # another tenant's teacher and dataset
+        JobRequest(tenant, {**good, "name": "other"}, "key-1"),
+    ]
+    with get_engine(api.settings.database).connect() as conn:
+        outcomes = take_in(conn, requests, api.settings)
+
+    (first, replayed), missing, (keyed, _), (again, replayed_again), foreign, reused = outcomes
+    assert not replayed and replayed_again and again.id == keyed.id != first.id
+    assert isinstance(missing, InvalidSpec) and missing.details["field"] == "dataset_id"
+    assert isinstance(foreign, InvalidSpec) and foreign.details["field"] == "teacher.model_id"
+    assert isinstance(reused, Conflict) and reused.details["job_id"] == keyed.id
+    assert _job_count(api, setup["tenant"]) == 2 and _job_count(api, stranger.id) == 0
+    for job_id in (first.id, keyed.id):
+        events = api.client.get(f"/v1/jobs/{job_id}/events", headers=_h(setup)).json()["data"]
+        assert [e["data"] for e in events] == [{"status": "queued"}]
+
+
+def test_concurrent_creates_each_get_their_own_job(api: Api, setup: dict[str, str]) -> None:
+    intake = JobIntake(get_engine(api.settings.database), api.settings)
+    tenant = Tenant(id=setup["tenant"], name="")
+    futures: list[Future] = []
+
+    def submit(n: int) -> None:
+        for i in range(n):
+            futures.append(intake.submit(JobRequest(tenant, _spec(setup, name=f"job-{i}"))))
+
+    submitters = [threading.Thread(target=submit, args=(25,)) for _ in range(4)]
+    for thread in submitters:
+        thread.start()
+    for thread in submitters:
+        thread.join()
+    jobs = [future.result(timeout=30)[0] for future in futures]
+    intake.close()
+    assert len({job.id for job in jobs}) == 100 and _job_count(api, setup["tenant"]) == 100

@@ -58,3 +58,26 @@ def test_two_consumers_never_take_the_same_message(tmp_path: Path) -> None:
     first, second = results
     assert not set(first) & set(second)
     assert sorted(first + second) == sorted(repr([i]) for i in ids)
+
+
+def test_a_publish_batch_is_written_when_it_ends_and_dropped_on_error(tmp_path: Path) -> None:
+    app = _send(tmp_path, [])
+
+    def stored() -> int:
+        with sqlite3.connect(tmp_path / "broker.db") as db:
+            return db.execute("SELECT count(*) FROM kombu_message").fetchone()[0]
+
+    with app.connection_for_write() as conn:
+        producer = conn.Producer()
+        with producer.batch():
+            for job_id in ("job_a", "job_b", "job_c"):
+                app.send_task(RUN_JOB_TASK, args=[job_id], queue="cpu", producer=producer)
+            assert stored() == 0
+        assert stored() == 3
+        try:
+            with producer.batch():
+                app.send_task(RUN_JOB_TASK, args=["job_d"], queue="cpu", producer=producer)
+                raise RuntimeError("the sender failed mid-batch")
+        except RuntimeError:
+            pass
+    assert _take(app) == [repr(["job_a"]), repr(["job_b"]), repr(["job_c"])]

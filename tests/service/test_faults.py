@@ -225,7 +225,8 @@ def test_queued_jobs_survive_a_redis_wipe(stack: Stack, inputs: dict[str, str]) 
     stack.beat.stop()  # no reconciler either: only the database remembers the jobs
     stack.procs.remove(stack.beat)
     jobs = [stack.submit(job_spec(inputs["teacher"], inputs["digits"])) for _ in range(3)]
-    assert stack.redis.dbsize() > 0  # the messages were sent
+    # The API sends after answering: wait until the three messages are in Redis, then wipe it.
+    stack.wait_until("the messages sent", lambda: stack.redis.llen("cpu") == len(jobs), 10)
     stack.redis.flushdb()
     assert stack.redis.dbsize() == 0
     wiped = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -102,6 +103,20 @@ def test_worker_claims_a_sent_job_and_records_its_failure(
         assert took < 10, f"the round trip took {took:.1f}s"
     finally:
         worker.stop()
+
+
+def test_a_burst_of_jobs_reaches_the_broker_whole_and_in_order(stack: dict[str, str]) -> None:
+    app = make_celery(_settings(stack))
+    sender = JobSender(app)
+    ids = [f"job_{i:04d}" for i in range(1000)]  # sent in batches of what is pending
+    for job_id in ids:
+        sender.submit(SimpleNamespace(id=job_id, queue="cpu"))
+    sender.close()
+    taken = []
+    with app.connection_for_read() as conn:
+        while (message := conn.default_channel.basic_get("cpu", no_ack=True)) is not None:
+            taken.append(message.headers["argsrepr"])
+    assert taken == [repr([job_id]) for job_id in ids]
 
 
 def test_beat_resends_a_job_whose_message_was_lost(stack: dict[str, str], tmp_path: Path) -> None:

@@ -1,0 +1,423 @@
+"""Taking in new jobs: each spec checked against the tenant's uploads, then the jobs stored.
+
+``POST /v1/jobs`` is the API's busiest write. A request hands its body to :class:`JobIntake`,
+one thread per API process that stores all the jobs waiting for it in one transaction with a
+few Core statements (:func:`take_in`): under load, a commit and each statement's round trip are
+shared by many jobs instead of each job paying for its own, and no ORM session or mapped
+instance is built (they cost more CPU here than the statements do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import Future
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Row, Select, bindparam, delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from api.schemas import JobPublic
+from core.batching import BatchingThread
+from core.config import Settings
+from core.errors import ClientError, Conflict, InvalidSpec
+from core.models import (
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobModel,
+    Model,
+    Tenant,
+    new_id,
+    utcnow,
+)
+from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
+KEYS, JOB_MODELS, EVENTS = IdempotencyKey.__table__, JobModel.__table__, JobEvent.__table__
+
+# The columns of a job that its public form shows (``job_public`` reads them by name).
+PUBLIC_COLUMNS = [JOBS.c[name] for name in JobPublic.model_fields if name in JOBS.c]
+# Built once: making a statement (an IN clause above all) costs more than running it.
+_MODELS_BY_ID = select(
+    *(MODELS.c[n] for n in ("id", "tenant_id", "format", "signature", "trainable", "arch"))
+).where(MODELS.c.id.in_(bindparam("ids", expanding=True)))
+_DATASETS_BY_ID = select(DATASETS.c.id, DATASETS.c.tenant_id, DATASETS.c.info).where(
+    DATASETS.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+@dataclass
+class JobRequest:
+    """One ``POST /v1/jobs``: who asks, the spec as sent, and its Idempotency-Key."""
+
+    tenant: Tenant
+    body: Any
+    idempotency_key: str | None = None
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = request_hash(self.body)
+
+
+# A stored job (or the earlier one its key names) and whether it is a replay.
+Taken = tuple[Job | Row[Any], bool]
+# What a request gets: that, or the error that says why not.
+Outcome = Taken | Exception
+
+
+class JobIntake(BatchingThread[tuple[JobRequest, "Future[Taken]"]]):
+    """Takes in jobs on a thread of its own, all that wait in one transaction (group commit)."""
+
+    name = "job-intake"
+    # A connection idle this long is checked out of the pool again (which pings it) before use;
+    # under load the thread keeps one, saving a checkout and a round trip per batch.
+    recheck_after_seconds = 1.0
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        super().__init__()
+        self._engine = engine
+        self._settings = settings
+        self._conn: Connection | None = None
+        self._last_used = 0.0
+
+    def submit(self, request: JobRequest) -> Future[Taken]:
+        """The job this request makes (or replays), or the error that says why not."""
+        future: Future[Taken] = Future()
+        self.put((request, future))
+        return future
+
+    def handle(self, batch: list[tuple[JobRequest, Future[Taken]]]) -> None:
+        try:
+            conn = self._connection()
+            outcomes = take_in(conn, [request for request, _ in batch], self._settings)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database is down: each request says so
+            self._release()
+            outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def close(self, timeout: float = 10.0) -> None:
+        super().close(timeout)
+        if not self.running:
+            self._release()
+
+    def _connection(self) -> Connection:
+        now = time.monotonic()
+        if self._conn is not None and now - self._last_used > self.recheck_after_seconds:
+            self._release()
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        self._last_used = now
+        return self._conn
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):  # a broken connection is discarded all the same
+                conn.close()
+
+
+def take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -> list[Outcome]:
+    """Validate and store the jobs of these requests; an outcome for each, in order.
+
+    A request whose Idempotency-Key was used before gets that earlier job (or ``Conflict`` if
+    its body differs); one whose spec is wrong gets ``InvalidSpec`` naming the field. The
+    others' jobs are committed together.
+    """
+    try:
+        return _take_in(conn, requests, settings)
+    except IntegrityError as exc:
+        conn.rollback()
+        if len(requests) > 1:
+            # A key was used twice: by two requests of this batch, or raced by another process.
+            # Each on its own, then: the first to commit owns the key, the others replay it.
+            return [take_in(conn, [request], settings)[0] for request in requests]
+        earlier = _replays(conn, requests)[0]
+        conn.rollback()
+        return [(earlier, True) if isinstance(earlier, Row) else earlier or exc]
+
+
+def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    specs: dict[int, JobSpec] = {}
+    for i, replay in enumerate(_replays(conn, requests)):
+        if isinstance(replay, Row):
+            outcomes[i] = (replay, True)
+        elif replay is not None:
+            outcomes[i] = replay
+        else:
+            try:
+                specs[i] = parse_spec(requests[i].body)
+            except ClientError as exc:
+                outcomes[i] = exc
+    uploads = Uploads(conn, list(specs.values()))
+    new_jobs: list[tuple[dict[str, Any], list[str]]] = []
+    for i, spec in specs.items():
+        request = requests[i]
+        try:
+            completed, model_ids = resolve_spec(uploads, request.tenant, spec)
+        except ClientError as exc:
+            outcomes[i] = exc
+            continue
+        columns = _new_job(request, completed, settings)
+        new_jobs.append((columns, model_ids))
+        outcomes[i] = (Job(**columns), False)
+    if new_jobs:
+        _insert_jobs(conn, new_jobs)
+    conn.commit()  # also an expired key's deletion
+    return cast(list[Outcome], outcomes)  # every request has its outcome by now
+
+
+def request_hash(body: Any) -> str:
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def choose_queue(spec: JobSpec, settings: Settings) -> str:
+    """``gpu`` when the job asks for CUDA, or says ``auto`` and GPU workers exist; else ``cpu``."""
+    device = spec.training.device
+    if device.startswith("cuda") or (device == "auto" and settings.gpu_workers):
+        return "gpu"
+    return "cpu"
+
+
+# --- validation against what the tenant has uploaded ------------------------------------------
+
+
+class Uploads:
+    """The models and datasets that some specs name, read in two queries."""
+
+    def __init__(self, conn: Connection, specs: list[JobSpec]) -> None:
+        model_ids = {ref.model_id for spec in specs for ref in _model_refs(spec) if ref.model_id}
+        dataset_ids = {spec.dataset_id for spec in specs if spec.dataset_id}
+        self._models = _by_id(conn, _MODELS_BY_ID, model_ids)
+        self._datasets = _by_id(conn, _DATASETS_BY_ID, dataset_ids)
+
+    def model(self, tenant: Tenant, model_id: str) -> Row[Any] | None:
+        row = self._models.get(model_id)
+        return row if row is not None and row.tenant_id == tenant.id else None
+
+    def dataset_info(self, tenant: Tenant, dataset_id: str) -> dict[str, Any] | None:
+        row = self._datasets.get(dataset_id)
+        return row.info if row is not None and row.tenant_id == tenant.id else None
+
+
+def _by_id(conn: Connection, query: Select[Any], ids: set[str]) -> dict[str, Row[Any]]:
+    return {row.id: row for row in conn.execute(query, {"ids": list(ids)})} if ids else {}
+
+
+def _model_refs(spec: JobSpec) -> list[Any]:
+    """Every model reference of a spec: teachers, and students that name an upload."""
+    refs: list[Any] = [spec.teacher, *(spec.teachers or []), spec.student]
+    refs += [stage.student for stage in spec.stages or []]
+    return [ref for ref in refs if ref is not None]
+
+
+def resolve_spec(uploads: Uploads, tenant: Tenant, spec: JobSpec) -> tuple[JobSpec, list[str]]:
+    """Check every id against the tenant's uploads and complete the spec.
+
+    Returns the completed spec and the ids of the models the job uses.
+    """
+    teachers: list[Row[Any]] = []
+    if spec.teacher is not None:
+        teachers.append(_model_for(uploads, tenant, spec.teacher, "teacher"))
+    for i, ref in enumerate(spec.teachers or []):
+        teachers.append(_model_for(uploads, tenant, ref, f"teachers.{i}"))
+
+    students: list[tuple[str, Any]] = []
+    if spec.student is not None:
+        students.append(("student", spec.student))
+    for i, stage in enumerate(spec.stages or []):
+        students.append((f"stages.{i}.student", stage.student))
+    used = [m.id for m in teachers]
+    for field_name, student in students:
+        if student.path is not None:
+            raise InvalidSpec(
+                f"'{field_name}.path' is for `distill run`; upload the student with POST "
+                "/v1/models and give its model_id",
+                field=f"{field_name}.path",
+            )
+        if student.model_id is None:
+            continue
+        model = _model_for(uploads, tenant, ModelRef(model_id=student.model_id), field_name)
+        if not model.trainable:
+            raise InvalidSpec(
+                f"model '{model.id}' ({model.format}) cannot be trained; a student must be an "
+                "exported_program, torchscript or safetensors upload, or a preset",
+                field=f"{field_name}.model_id",
+            )
+        used.append(model.id)
+
+    if spec.dataset_path is not None:
+        raise InvalidSpec(
+            "'dataset_path' is for `distill run`; upload the dataset with POST /v1/datasets and "
+            "give its dataset_id",
+            field="dataset_path",
+        )
+    info = uploads.dataset_info(tenant, spec.dataset_id) if spec.dataset_id else None
+    if info is None:
+        raise InvalidSpec(
+            f"no dataset '{spec.dataset_id}'; upload it with POST /v1/datasets (GET "
+            "/v1/datasets lists yours)",
+            field="dataset_id",
+        )
+    dataset = DatasetInfo.model_validate(info)
+    completed = complete_spec(spec, [model_info(m) for m in teachers], dataset)
+    return completed, list(dict.fromkeys(used))
+
+
+def _model_for(uploads: Uploads, tenant: Tenant, ref: ModelRef, field_name: str) -> Row[Any]:
+    if ref.path is not None:
+        raise InvalidSpec(
+            f"'{field_name}.path' is for `distill run` on local files; upload the model with "
+            "POST /v1/models and give its model_id",
+            field=f"{field_name}.path",
+        )
+    if ref.format is not None or ref.arch is not None:
+        which = "format" if ref.format is not None else "arch"
+        raise InvalidSpec(
+            f"'{field_name}.{which}' is for local files; the service uses what it recorded when "
+            "the model was uploaded, so remove it",
+            field=f"{field_name}.{which}",
+        )
+    model = uploads.model(tenant, ref.model_id) if ref.model_id else None
+    if model is None:
+        raise InvalidSpec(
+            f"no model '{ref.model_id}'; upload it with POST /v1/models (GET /v1/models lists "
+            "yours)",
+            field=f"{field_name}.model_id",
+        )
+    return model
+
+
+def model_info(model: Model | Row[Any]) -> ModelInfo:
+    """The ModelInfo recorded for an uploaded model."""
+    return ModelInfo(
+        format=model.format,
+        inputs=model.signature["inputs"],
+        outputs=model.signature["outputs"],
+        trainable=model.trainable,
+        arch=model.arch,
+    )
+
+
+# --- storing -----------------------------------------------------------------------------------
+
+
+def _new_job(request: JobRequest, spec: JobSpec, settings: Settings) -> dict[str, Any]:
+    now = utcnow()
+    return dict(
+        id=new_id("job"),
+        tenant_id=request.tenant.id,
+        parent_id=None,
+        name=spec.name,
+        status="queued",
+        queue=choose_queue(spec, settings),
+        spec=spec.model_dump(mode="json"),
+        progress={},
+        metrics={},
+        result=None,
+        error=None,
+        attempt=0,
+        cancel_requested=False,
+        idempotency_key=request.idempotency_key,
+        request_hash=request.digest,
+        created_at=now,
+        enqueued_at=now,  # recorded with the job; the send follows the commit
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]]) -> None:
+    """Each table's rows in one statement (a multi-row insert)."""
+    conn.execute(insert(JOBS), [columns for columns, _ in jobs])
+    links = [{"job_id": c["id"], "model_id": m} for c, model_ids in jobs for m in model_ids]
+    if links:
+        conn.execute(insert(JOB_MODELS), links)
+    conn.execute(
+        insert(EVENTS),
+        [
+            {
+                "job_id": c["id"],
+                "seq": 1,
+                "type": "status",
+                "data": {"status": "queued"},
+                "at": c["created_at"],
+            }
+            for c, _ in jobs
+        ],
+    )
+    keys = [
+        {
+            "tenant_id": c["tenant_id"],
+            "key": c["idempotency_key"],
+            "request_hash": c["request_hash"],
+            "job_id": c["id"],
+            "created_at": c["created_at"],
+        }
+        for c, _ in jobs
+        if c["idempotency_key"] is not None
+    ]
+    if keys:
+        conn.execute(insert(KEYS), keys)
+
+
+def _replays(conn: Connection, requests: list[JobRequest]) -> list[Row[Any] | Conflict | None]:
+    """For each request, the job its Idempotency-Key made before (a ``Conflict`` if the body
+    differs), or None. Expired keys are deleted in the caller's transaction: new jobs take them.
+    """
+    keys = {r.idempotency_key for r in requests if r.idempotency_key is not None}
+    if not keys:
+        return [None] * len(requests)
+    remembered = {
+        (row.tenant_id, row.key): row
+        for row in conn.execute(
+            select(
+                KEYS.c.tenant_id, KEYS.c.key, KEYS.c.created_at, KEYS.c.request_hash, KEYS.c.job_id
+            ).where(KEYS.c.key.in_(keys))
+        )
+    }
+    oldest = datetime.now(UTC) - IDEMPOTENCY_TTL
+    for (tenant_id, key), row in list(remembered.items()):
+        if _aware(row.created_at) < oldest:
+            conn.execute(delete(KEYS).where(KEYS.c.tenant_id == tenant_id, KEYS.c.key == key))
+            del remembered[(tenant_id, key)]
+    job_ids = {row.job_id for row in remembered.values()}
+    jobs = (
+        {row.id: row for row in conn.execute(select(*PUBLIC_COLUMNS).where(JOBS.c.id.in_(job_ids)))}
+        if job_ids
+        else {}
+    )
+    replays: list[Row[Any] | Conflict | None] = []
+    for request in requests:
+        row = remembered.get((request.tenant.id, request.idempotency_key))
+        if row is None:
+            replays.append(None)
+        elif row.request_hash != request.digest:
+            replays.append(
+                Conflict(
+                    f"Idempotency-Key '{request.idempotency_key}' was already used with a "
+                    "different request body; use a new key for a new job",
+                    details={"job_id": row.job_id},
+                )
+            )
+        else:
+            replays.append(jobs[row.job_id])
+    return replays
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

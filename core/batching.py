@@ -1,0 +1,77 @@
+"""A background thread that handles queued items in batches: all that wait, up to a limit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from queue import Empty, SimpleQueue
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class BatchingThread(Generic[T]):
+    """Items put with :meth:`put` are handed to :meth:`handle` in batches, in order, by one
+    daemon thread (started with the first item).
+
+    A batch is what is waiting when the thread gets to it: one item when items are rare, many
+    under load, so a per-batch cost (a commit, a broker round trip) is shared as load grows
+    instead of adding to each item's wait.
+    """
+
+    name = "batching"
+    batch_size = 200
+
+    def __init__(self) -> None:
+        self._pending: SimpleQueue[T | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def handle(self, batch: list[T]) -> None:
+        """Deal with one batch; an exception escaping it is the subclass's bug."""
+        raise NotImplementedError
+
+    def put(self, item: T) -> None:
+        """Queue an item; returns at once."""
+        with self._lock:
+            if not self.running:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._pending.put(item)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Handle what is queued (waiting at most ``timeout`` seconds), then stop the thread."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._pending.put(None)
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self.handle(batch)
+            except Exception:  # noqa: BLE001 - the thread must outlive a bad batch
+                log.exception("%s: a batch of %d failed", self.name, len(batch))
+
+    def _next_batch(self) -> list[T] | None:
+        """Wait for an item, then take what else is waiting; None once closed."""
+        first = self._pending.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.batch_size:
+            try:
+                item = self._pending.get_nowait()
+            except Empty:
+                break
+            if item is None:  # closed: handle this batch, then stop
+                self._pending.put(None)
+                break
+            batch.append(item)
+        return batch
