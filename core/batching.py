@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from queue import Empty, SimpleQueue
 from typing import Generic, TypeVar
 
@@ -22,11 +23,17 @@ class BatchingThread(Generic[T]):
 
     name = "batching"
     batch_size = 200
+    # Under load (the previous batch began less than ``busy_seconds`` ago), how long to let a
+    # batch fill after its first item: a little latency for a bigger batch. An item that comes
+    # alone is handled at once.
+    linger_seconds = 0.0
+    busy_seconds = 0.05
 
     def __init__(self) -> None:
         self._pending: SimpleQueue[T | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._last_batch_at = float("-inf")
 
     def handle(self, batch: list[T]) -> None:
         """Deal with one batch; an exception escaping it is the subclass's bug."""
@@ -65,6 +72,10 @@ class BatchingThread(Generic[T]):
         if first is None:
             return None
         batch = [first]
+        now = time.monotonic()
+        if self.linger_seconds and now - self._last_batch_at < self.busy_seconds:
+            time.sleep(self.linger_seconds)
+        self._last_batch_at = now
         while len(batch) < self.batch_size:
             try:
                 item = self._pending.get_nowait()
