@@ -9,7 +9,8 @@ Run from the repository root (PostgreSQL and Redis on 127.0.0.1 for ``--mode pos
     .venv/bin/python bench/service_bench.py service-vs-local
 
 Load comes from a second process, wrk (Debian package ``wrk``), held near a fixed request rate by
-a per-connection delay (``bench/wrk/*.lua``). Every figure printed is one run on this machine.
+a per-connection delay (``bench/wrk/*.lua``). ``latency --calibrate`` also measures
+bench/floor_app.py, the least a POST can do on the same stack, as a yardstick for the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -51,15 +53,16 @@ WARMUP_SECONDS = 10
 @contextmanager
 def service(
     mode: str, *, worker: bool, workdir: Path, api_workers: int = 1
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """The API (``api_workers`` processes, optionally one Celery worker) in ``mode``."""
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The API (``api_workers`` processes, optionally one Celery worker) in ``mode``: its URL,
+    and its process id and environment."""
     with _database(mode, workdir) as settings:
         env = service_env(auth="off", data_dir=str(workdir / "data"), **settings)
         migrate(settings.get("database_url") or f"sqlite:///{workdir / 'data' / 'distill.db'}")
         api, base = start_api(env, workdir, workers=api_workers)
         proc_worker = start_worker(env, workdir) if worker else None
         try:
-            yield base, {"api_pid": str(api.popen.pid)}
+            yield base, {"api_pid": str(api.popen.pid), "env": env}
         finally:
             if proc_worker is not None:
                 proc_worker.stop()
@@ -140,13 +143,16 @@ def _ms(text: str) -> float:
     return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 2)
 
 
-def latency(mode: str, rate: int, seconds: int, api_workers: int, repeat: int) -> dict:
-    """p50/p99 of POST /v1/jobs and GET /v1/jobs/{id} at a fixed request rate."""
+def latency(
+    mode: str, rate: int, seconds: int, api_workers: int, repeat: int, calibrate: bool
+) -> dict:
+    """p50/p99 of POST /v1/jobs and GET /v1/jobs/{id} at a fixed request rate (and, with
+    ``calibrate``, of bench/floor_app.py's minimal POST on the same database and broker)."""
     with (
         tempfile.TemporaryDirectory() as tmp,
         service(mode, worker=False, workdir=Path(tmp), api_workers=api_workers) as (
             base,
-            _,
+            info,
         ),
     ):
         model, ds = _upload(base)
@@ -168,11 +174,43 @@ def latency(mode: str, rate: int, seconds: int, api_workers: int, repeat: int) -
         ):
             _wrk(url, WRK_DIR / script, rate, WARMUP_SECONDS, env)
             runs = [_wrk(url, WRK_DIR / script, rate, seconds, env) for _ in range(repeat)]
-            results[name] = {
-                "median_p99_ms": statistics.median(run["p99_ms"] for run in runs),
-                "runs": runs,
-            }
+            results[name] = _summary(runs)
+        if calibrate:
+            results["floor_post"] = _floor(
+                info["env"], Path(tmp), api_workers, rate, seconds, repeat, body
+            )
     return {"mode": mode, "rate": rate, "api_workers": api_workers, **results}
+
+
+def _summary(runs: list[dict]) -> dict:
+    return {"median_p99_ms": statistics.median(run["p99_ms"] for run in runs), "runs": runs}
+
+
+def _floor(
+    env: dict[str, str],
+    workdir: Path,
+    workers: int,
+    rate: int,
+    seconds: int,
+    repeat: int,
+    body: str,
+) -> dict:
+    """The same POST load on bench/floor_app.py: what this machine allows right now."""
+    floor, base = start_api(
+        {**env, "PYTHONPATH": str(ROOT)},
+        workdir,
+        workers,
+        "floor_app:create_app",
+        str(ROOT / "bench"),
+    )
+    try:
+        script, env_body = WRK_DIR / "post_job.lua", {"BODY": body}
+        _wrk(f"{base}/v1/jobs", script, rate, WARMUP_SECONDS, env_body)
+        return _summary(
+            [_wrk(f"{base}/v1/jobs", script, rate, seconds, env_body) for _ in range(repeat)]
+        )
+    finally:
+        floor.stop()
 
 
 def transfer(size_mib: int) -> dict:
@@ -361,6 +399,9 @@ def main() -> None:
     lat.add_argument("--seconds", type=int, default=20)
     lat.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes")
     lat.add_argument("--repeat", type=int, default=3, help="measured runs of each request")
+    lat.add_argument(
+        "--calibrate", action="store_true", help="also measure bench/floor_app.py's minimal POST"
+    )
     tr = sub.add_parser("transfer")
     tr.add_argument("--size-mib", type=int, default=1024)
     sc = sub.add_parser("schedule")
@@ -372,7 +413,7 @@ def main() -> None:
         sys.exit("wrk is not installed: apt-get install wrk")
     result = {
         "latency": lambda: latency(
-            args.mode, args.rate, args.seconds, args.api_workers, args.repeat
+            args.mode, args.rate, args.seconds, args.api_workers, args.repeat, args.calibrate
         ),
         "transfer": lambda: transfer(args.size_mib),
         "schedule": lambda: schedule(args.mode, args.runs),

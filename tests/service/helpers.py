@@ -119,7 +119,13 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def start_api(env: dict[str, str], log_dir: Path, workers: int = 1) -> tuple[Proc, str]:
+def start_api(
+    env: dict[str, str],
+    log_dir: Path,
+    workers: int = 1,
+    factory: str = "api.main:create_app",
+    app_dir: str = ".",
+) -> tuple[Proc, str]:
     """uvicorn with the app factory (``workers`` processes); returns once /healthz answers."""
     port = free_port()
     proc = Proc(
@@ -129,7 +135,9 @@ def start_api(env: dict[str, str], log_dir: Path, workers: int = 1) -> tuple[Pro
             "-m",
             "uvicorn",
             "--factory",
-            "api.main:create_app",
+            factory,
+            "--app-dir",
+            app_dir,
             "--host",
             "127.0.0.1",
             "--port",
