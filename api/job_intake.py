@@ -142,10 +142,20 @@ def take_in(conn: Connection, requests: list[JobRequest], settings: Settings) ->
         if len(requests) > 1:
             # A key was used twice: by two requests of this batch, or raced by another process.
             # Each on its own, then: the first to commit owns the key, the others replay it.
-            return [take_in(conn, [request], settings)[0] for request in requests]
+            return [_alone(conn, request, settings) for request in requests]
         earlier = _replays(conn, requests)[0]
         conn.rollback()
         return [(earlier, True) if isinstance(earlier, Row) else earlier or exc]
+
+
+def _alone(conn: Connection, request: JobRequest, settings: Settings) -> Outcome:
+    """One request taken in by itself; an error is its own (others may have committed)."""
+    try:
+        return take_in(conn, [request], settings)[0]
+    except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-batch
+        with suppress(Exception):
+            conn.rollback()
+        return exc
 
 
 def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -> list[Outcome]:
