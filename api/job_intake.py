@@ -33,6 +33,7 @@ from core.models import (
     JobModel,
     Model,
     Tenant,
+    as_utc,
     new_id,
     utcnow,
 )
@@ -99,7 +100,7 @@ class JobIntake(BatchingThread[tuple[JobRequest, "Future[Taken]"]]):
             conn = self._connection()
             outcomes = take_in(conn, [request for request, _ in batch], self._settings)
         except Exception as exc:  # noqa: BLE001 - e.g. the database is down: each request says so
-            self._release()
+            self.release()
             outcomes = [exc] * len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):
@@ -107,21 +108,16 @@ class JobIntake(BatchingThread[tuple[JobRequest, "Future[Taken]"]]):
             else:
                 future.set_result(outcome)
 
-    def close(self, timeout: float = 10.0) -> None:
-        super().close(timeout)
-        if not self.running:
-            self._release()
-
     def _connection(self) -> Connection:
         now = time.monotonic()
         if self._conn is not None and now - self._last_used > self.recheck_after_seconds:
-            self._release()
+            self.release()
         if self._conn is None:
             self._conn = self._engine.connect()
         self._last_used = now
         return self._conn
 
-    def _release(self) -> None:
+    def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with suppress(Exception):  # a broken connection is discarded all the same
@@ -402,7 +398,7 @@ def _replays(conn: Connection, requests: list[JobRequest]) -> list[Row[Any] | Co
     }
     oldest = datetime.now(UTC) - IDEMPOTENCY_TTL
     for (tenant_id, key), row in list(remembered.items()):
-        if _aware(row.created_at) < oldest:
+        if as_utc(row.created_at) < oldest:
             conn.execute(delete(KEYS).where(KEYS.c.tenant_id == tenant_id, KEYS.c.key == key))
             del remembered[(tenant_id, key)]
     job_ids = {row.job_id for row in remembered.values()}
@@ -427,7 +423,3 @@ def _replays(conn: Connection, requests: list[JobRequest]) -> list[Row[Any] | Co
         else:
             replays.append(jobs[row.job_id])
     return replays
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

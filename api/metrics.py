@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.logging import close_context, open_context
-from core.models import JOB_STATUSES, Job, utcnow
+from core.models import JOB_STATUSES, Job, as_utc, utcnow
 
 log = logging.getLogger("distill.api")
 
@@ -130,7 +129,7 @@ class JobTimesCollector(Collector):
             moment = beat_at or started_at
             if moment is None:
                 continue
-            age = max(0.0, (now - _aware(moment)).total_seconds())
+            age = max(0.0, (now - as_utc(moment)).total_seconds())
             ages.add_metric([job_id], age)
             worst = max(worst, age)
             n_stale += age > self.stale_after
@@ -158,10 +157,6 @@ class JobTimesCollector(Collector):
             ]
             out[status] = (buckets, int(count), float(total or 0.0))
         return out
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Metrics:

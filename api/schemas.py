@@ -8,14 +8,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
+from core.models import as_utc
 from core.spec import TensorInfo
 
 
 def rfc3339(value: datetime) -> str:
-    """UTC with a ``Z`` (SQLite hands back naive datetimes, which are UTC here)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC with a ``Z``."""
+    return as_utc(value).astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 Timestamp = Annotated[

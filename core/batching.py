@@ -39,6 +39,9 @@ class BatchingThread(Generic[T]):
         """Deal with one batch; an exception escaping it is the subclass's bug."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Let go of what :meth:`handle` holds between batches (called once the thread ended)."""
+
     def put(self, item: T) -> None:
         """Queue an item; returns at once."""
         with self._lock:
@@ -54,6 +57,8 @@ class BatchingThread(Generic[T]):
         if thread is not None and thread.is_alive():
             self._pending.put(None)
             thread.join(timeout)
+        if not self.running:
+            self.release()
 
     @property
     def running(self) -> bool:

@@ -16,7 +16,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.models import Artifact, Job, JobEvent, new_id, utcnow
+from core.models import Artifact, Job, JobEvent, as_utc, new_id, utcnow
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 RUNNING_STATUSES = ("running", "cancelling")
@@ -40,11 +40,7 @@ def add_event(session: Session, job_id: str, type: str, data: dict[str, Any]) ->
 
 def iso(moment: datetime | None) -> str | None:
     """RFC 3339 UTC text for a timestamp (SQLite hands back naive UTC datetimes)."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC).isoformat()
-    return moment.astimezone(UTC).isoformat()
+    return None if moment is None else as_utc(moment).astimezone(UTC).isoformat()
 
 
 def _transition(

@@ -25,6 +25,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """An aware UTC datetime (SQLite hands back naive datetimes, which are UTC here)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 _last_stamp = 0
 _stamp_lock = threading.Lock()
 

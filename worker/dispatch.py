@@ -63,12 +63,6 @@ class JobSender(BatchingThread[tuple[str, str]]):
         """Queue the job's id for sending; returns at once."""
         self.put((job.id, job.queue))
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Send what is pending (waiting at most ``timeout`` seconds), then stop the thread."""
-        super().close(timeout)
-        if not self.running:
-            self._release()
-
     def handle(self, batch: list[tuple[str, str]]) -> None:
         if self._app is None:
             from worker.celery_app import celery_app
@@ -93,9 +87,9 @@ class JobSender(BatchingThread[tuple[str, str]]):
                 ", ".join(job_id for job_id, _ in batch),
                 exc_info=True,
             )
-            self._release()
+            self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._producer is not None:
             self._producer.release()
             self._producer = None
