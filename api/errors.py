@@ -59,11 +59,16 @@ def error_response(
 
 async def _distill_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DistillError)
+    return distill_error_response(exc, request.method, request.url.path)
+
+
+def distill_error_response(exc: DistillError, method: str, path: str) -> JSONResponse:
+    """The envelope for a core error, with its status and headers."""
     headers = dict(getattr(exc, "headers", None) or {})
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     if exc.http_status >= 500:
-        log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        log.error("%s %s failed: %s", method, path, exc.message)
     return error_response(exc.http_status, exc.code, exc.message, exc.details, headers=headers)
 
 

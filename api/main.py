@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.dashboard import routes as dashboard
 from api.errors import install_error_handlers
+from api.hot_routes import HotRoutes
 from api.job_intake import JobIntake
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, jobs, models, ops
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (models, datasets, jobs, artifacts, ops):
         app.include_router(module.router)
     dashboard.install(app)
+    app.add_middleware(HotRoutes, api=app)  # inside the metrics: counted and logged the same
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

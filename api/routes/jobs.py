@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine, Row, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
 from api.job_intake import PUBLIC_COLUMNS, JobRequest
@@ -88,7 +89,16 @@ async def create_job(
     ] = None,
 ) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
-    state = request.app.state
+    return await submit_job(request.app.state, tenant, body, idempotency_key)
+
+
+async def submit_job(
+    state: State, tenant: Tenant, body: Any, idempotency_key: str | None
+) -> Response:
+    """What ``POST /v1/jobs`` answers: the new job (201) or the replayed one (200).
+
+    Raises the request's error (``InvalidSpec``, ``Conflict``, …).
+    """
     taking_in = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
     job, replayed = await asyncio.wrap_future(taking_in)
     bind_log_context(job_id=job.id)
@@ -141,8 +151,13 @@ def read_job(engine: Engine, job_id: str, tenant: Tenant) -> Row[Any]:
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404))
 async def get_job(job_id: str, request: Request, tenant: TenantDep) -> Response:
     """Get a job: status, progress, latest metrics, and the result or error."""
+    return await job_response(request.app.state, job_id, tenant)
+
+
+async def job_response(state: State, job_id: str, tenant: Tenant) -> Response:
+    """What ``GET /v1/jobs/{job_id}`` answers; raises ``NotFound`` for another tenant's job."""
     bind_log_context(job_id=job_id)
-    row = await run_in_threadpool(read_job, request.app.state.read_engine, job_id, tenant)
+    row = await run_in_threadpool(read_job, state.read_engine, job_id, tenant)
     return json_response(job_public(row))
 
 
