@@ -97,7 +97,21 @@ def _upload(base: str) -> tuple[str, str]:
     return model, ds
 
 
+def cpu_probe() -> float:
+    """Milliseconds a fixed pure-Python loop takes on this machine now.
+
+    A shared VM's speed drifts within an hour (seen here: the same loop taking 1.7 times as long,
+    on an idle machine, minutes apart); each latency run records it beside its figures.
+    """
+    start = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
 def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -> dict:
+    probe_ms = cpu_probe()
     connections, threads = 64, 2
     run = subprocess.run(
         [
@@ -135,6 +149,7 @@ def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -
         "p99_ms": percentiles["99"],
         "requests_per_s": round(rps, 1),
         "non_2xx": int(errors.group(1)) if errors else 0,
+        "cpu_probe_ms": probe_ms,
     }
 
 
