@@ -79,7 +79,8 @@ class HotRoutes:
             response = error_response(
                 413,
                 "payload_too_large",
-                f"a job spec is at most {MAX_SPEC_BYTES} bytes; this one is larger",
+                f"a job spec is at most {MAX_SPEC_BYTES} bytes and this one is larger; send the "
+                "spec alone (data goes in with POST /v1/datasets)",
             )
             await response(scope, receive, send)
             return None
