@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from psycopg import IntegrityError as PgIntegrityError
 from sqlalchemy import Connection, Engine, Row, Select, bindparam, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from api import pg_intake
 from api.schemas import JobPublic
 from core.batching import BatchingThread
 from core.config import Settings
@@ -40,6 +42,8 @@ from core.models import (
 from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+# A key taken twice: raised by SQLAlchemy, or by psycopg itself on PostgreSQL's pipeline.
+INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError)
 
 JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
 KEYS, JOB_MODELS, EVENTS = IdempotencyKey.__table__, JobModel.__table__, JobEvent.__table__
@@ -133,14 +137,14 @@ def take_in(conn: Connection, requests: list[JobRequest], settings: Settings) ->
     """
     try:
         return _take_in(conn, requests, settings)
-    except IntegrityError as exc:
-        conn.rollback()
+    except INTEGRITY_ERRORS as exc:
+        _rollback(conn)
         if len(requests) > 1:
             # A key was used twice: by two requests of this batch, or raced by another process.
             # Each on its own, then: the first to commit owns the key, the others replay it.
             return [_alone(conn, request, settings) for request in requests]
         earlier = _replays(conn, requests)[0]
-        conn.rollback()
+        _rollback(conn)
         return [(earlier, True) if isinstance(earlier, Row) else earlier or exc]
 
 
@@ -150,7 +154,7 @@ def _alone(conn: Connection, request: JobRequest, settings: Settings) -> Outcome
         return take_in(conn, [request], settings)[0]
     except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-batch
         with suppress(Exception):
-            conn.rollback()
+            _rollback(conn)
         return exc
 
 
@@ -181,8 +185,20 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
         outcomes[i] = (Job(**columns), False)
     if new_jobs:
         _insert_jobs(conn, new_jobs)
-    conn.commit()  # also an expired key's deletion
+    _commit(conn)  # also an expired key's deletion
     return cast(list[Outcome], outcomes)  # every request has its outcome by now
+
+
+def _commit(conn: Connection) -> None:
+    """Commit through SQLAlchemy and at the driver: statements sent around SQLAlchemy
+    (``api/pg_intake.py``) may have begun a transaction that it does not know of."""
+    conn.commit()
+    conn.connection.driver_connection.commit()
+
+
+def _rollback(conn: Connection) -> None:
+    conn.rollback()
+    conn.connection.driver_connection.rollback()
 
 
 def request_hash(body: Any) -> str:
@@ -203,15 +219,23 @@ def choose_queue(spec: JobSpec, settings: Settings) -> str:
 
 
 class Uploads:
-    """The models and datasets that some specs name, read in two queries."""
+    """The models and datasets that some specs name: one round trip on PostgreSQL, two queries
+    elsewhere."""
 
     def __init__(self, conn: Connection, specs: list[JobSpec]) -> None:
         model_ids = {ref.model_id for spec in specs for ref in _model_refs(spec) if ref.model_id}
         dataset_ids = {spec.dataset_id for spec in specs if spec.dataset_id}
-        self._models = _by_id(conn, _MODELS_BY_ID, model_ids)
-        self._datasets = _by_id(conn, _DATASETS_BY_ID, dataset_ids)
+        self._models: dict[str, Any] = {}
+        self._datasets: dict[str, Any] = {}
+        if not (model_ids or dataset_ids):
+            return
+        if (driver := pg_intake.driver_connection(conn)) is not None:
+            self._models, self._datasets = pg_intake.lookup_uploads(driver, model_ids, dataset_ids)
+        else:
+            self._models = _by_id(conn, _MODELS_BY_ID, model_ids)
+            self._datasets = _by_id(conn, _DATASETS_BY_ID, dataset_ids)
 
-    def model(self, tenant: Tenant, model_id: str) -> Row[Any] | None:
+    def model(self, tenant: Tenant, model_id: str) -> Any:
         row = self._models.get(model_id)
         return row if row is not None and row.tenant_id == tenant.id else None
 
@@ -348,24 +372,22 @@ def _new_job(request: JobRequest, spec: JobSpec, settings: Settings) -> dict[str
 
 
 def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]]) -> None:
-    """Each table's rows in one statement (a multi-row insert)."""
-    conn.execute(insert(JOBS), [columns for columns, _ in jobs])
+    """Each table's rows in one statement (jobs first: the others refer to them).
+
+    On PostgreSQL the statements and the commit go in one round trip (``api/pg_intake.py``);
+    elsewhere each is a multi-row insert through SQLAlchemy, committed by the caller.
+    """
     links = [{"job_id": c["id"], "model_id": m} for c, model_ids in jobs for m in model_ids]
-    if links:
-        conn.execute(insert(JOB_MODELS), links)
-    conn.execute(
-        insert(EVENTS),
-        [
-            {
-                "job_id": c["id"],
-                "seq": 1,
-                "type": "status",
-                "data": {"status": "queued"},
-                "at": c["created_at"],
-            }
-            for c, _ in jobs
-        ],
-    )
+    events = [
+        {
+            "job_id": c["id"],
+            "seq": 1,
+            "type": "status",
+            "data": {"status": "queued"},
+            "at": c["created_at"],
+        }
+        for c, _ in jobs
+    ]
     keys = [
         {
             "tenant_id": c["tenant_id"],
@@ -377,8 +399,13 @@ def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]])
         for c, _ in jobs
         if c["idempotency_key"] is not None
     ]
-    if keys:
-        conn.execute(insert(KEYS), keys)
+    inserts = [(JOBS, [c for c, _ in jobs]), (JOB_MODELS, links), (EVENTS, events), (KEYS, keys)]
+    if (driver := pg_intake.driver_connection(conn)) is not None:
+        pg_intake.insert_and_commit(driver, inserts)
+        return
+    for table, rows in inserts:
+        if rows:
+            conn.execute(insert(table), rows)
 
 
 def _replays(conn: Connection, requests: list[JobRequest]) -> list[Row[Any] | Conflict | None]:
