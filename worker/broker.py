@@ -89,8 +89,7 @@ class LeanPublishBatch:
     def discard(self) -> None:
         self.rows = []
 
-    def close(self) -> None:
-        self.rows = []
+    close = discard  # kombu closes a batch after flushing or discarding it
 
 
 def use_lean_channel() -> None:
