@@ -1,28 +1,31 @@
 """Taking in new jobs: each spec checked against the tenant's uploads, then the jobs stored.
 
 ``POST /v1/jobs`` is the API's busiest write. A request hands its body to :class:`JobIntake`,
-one thread per API process that stores all the jobs waiting for it in one transaction with a
-few Core statements (:func:`take_in`): under load, a commit and each statement's round trip are
-shared by many jobs instead of each job paying for its own, and no ORM session or mapped
-instance is built (they cost more CPU here than the statements do).
+one thread per API process that stores all the jobs waiting for it at once (:func:`take_in`):
+under load, a commit and each statement's round trip are shared by many jobs instead of each
+job paying for its own. The statements go straight to the database driver
+(``api/pg_intake.py`` on PostgreSQL, ``api/dbapi_intake.py`` elsewhere), and no ORM session or
+mapped instance is built: on this path SQLAlchemy's Python cost more CPU than the database.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 from psycopg import IntegrityError as PgIntegrityError
-from sqlalchemy import Connection, Engine, Row, Select, bindparam, delete, insert, select
+from sqlalchemy import Connection, Engine, Row, delete, select
 from sqlalchemy.exc import IntegrityError
 
-from api import pg_intake
+from api import dbapi_intake, pg_intake
 from api.schemas import JobPublic
 from core.batching import BatchingThread
 from core.config import Settings
@@ -42,21 +45,18 @@ from core.models import (
 from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
-# A key taken twice: raised by SQLAlchemy, or by psycopg itself on PostgreSQL's pipeline.
-INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError)
+# A key taken twice: raised by SQLAlchemy, or by the driver itself where the intake sends its
+# statements around SQLAlchemy (api/pg_intake.py, api/dbapi_intake.py).
+INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError, sqlite3.IntegrityError)
 
 JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
 KEYS, JOB_MODELS, EVENTS = IdempotencyKey.__table__, JobModel.__table__, JobEvent.__table__
 
 # The columns of a job that its public form shows (``job_public`` reads them by name).
 PUBLIC_COLUMNS = [JOBS.c[name] for name in JobPublic.model_fields if name in JOBS.c]
-# Built once: making a statement (an IN clause above all) costs more than running it.
-_MODELS_BY_ID = select(
-    *(MODELS.c[n] for n in ("id", "tenant_id", "format", "signature", "trainable", "arch"))
-).where(MODELS.c.id.in_(bindparam("ids", expanding=True)))
-_DATASETS_BY_ID = select(DATASETS.c.id, DATASETS.c.tenant_id, DATASETS.c.info).where(
-    DATASETS.c.id.in_(bindparam("ids", expanding=True))
-)
+# What validating a spec reads of the uploads it names.
+MODEL_COLUMNS = ("id", "tenant_id", "format", "signature", "trainable", "arch")
+DATASET_COLUMNS = ("id", "tenant_id", "info")
 
 
 @dataclass
@@ -72,8 +72,9 @@ class JobRequest:
         self.digest = request_hash(self.body)
 
 
-# A stored job (or the earlier one its key names) and whether it is a replay.
-Taken = tuple[Job | Row[Any], bool]
+# A stored job, as its columns (a new job's by name, an earlier one's as the row its key names),
+# and whether it is a replay.
+Taken = tuple[SimpleNamespace | Row[Any], bool]
 # What a request gets: that, or the error that says why not.
 Outcome = Taken | Exception
 
@@ -117,7 +118,11 @@ class JobIntake(BatchingThread[tuple[JobRequest, "Future[Taken]"]]):
         if self._conn is not None and now - self._last_used > self.recheck_after_seconds:
             self.release()
         if self._conn is None:
-            self._conn = self._engine.connect()
+            conn = self._engine.connect()
+            if pg_intake.driver_connection(conn) is not None:
+                # Each of the batch's two statements is atomic on its own (api/pg_intake.py).
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._conn = conn
         self._last_used = now
         return self._conn
 
@@ -182,7 +187,7 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
             continue
         columns = _new_job(request, completed, settings)
         new_jobs.append((columns, model_ids))
-        outcomes[i] = (Job(**columns), False)
+        outcomes[i] = (SimpleNamespace(**columns), False)
     if new_jobs:
         _insert_jobs(conn, new_jobs)
     _commit(conn)  # also an expired key's deletion
@@ -191,7 +196,7 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
 
 def _commit(conn: Connection) -> None:
     """Commit through SQLAlchemy and at the driver: statements sent around SQLAlchemy
-    (``api/pg_intake.py``) may have begun a transaction that it does not know of."""
+    (``api/dbapi_intake.py``) may have begun a transaction that it does not know of."""
     conn.commit()
     conn.connection.driver_connection.commit()
 
@@ -232,8 +237,10 @@ class Uploads:
         if (driver := pg_intake.driver_connection(conn)) is not None:
             self._models, self._datasets = pg_intake.lookup_uploads(driver, model_ids, dataset_ids)
         else:
-            self._models = _by_id(conn, _MODELS_BY_ID, model_ids)
-            self._datasets = _by_id(conn, _DATASETS_BY_ID, dataset_ids)
+            self._models = dbapi_intake.rows_by_id(conn, MODELS, MODEL_COLUMNS, list(model_ids))
+            self._datasets = dbapi_intake.rows_by_id(
+                conn, DATASETS, DATASET_COLUMNS, list(dataset_ids)
+            )
 
     def model(self, tenant: Tenant, model_id: str) -> Any:
         row = self._models.get(model_id)
@@ -242,10 +249,6 @@ class Uploads:
     def dataset_info(self, tenant: Tenant, dataset_id: str) -> dict[str, Any] | None:
         row = self._datasets.get(dataset_id)
         return row.info if row is not None and row.tenant_id == tenant.id else None
-
-
-def _by_id(conn: Connection, query: Select[Any], ids: set[str]) -> dict[str, Row[Any]]:
-    return {row.id: row for row in conn.execute(query, {"ids": list(ids)})} if ids else {}
 
 
 def _model_refs(spec: JobSpec) -> list[Any]:
@@ -372,10 +375,11 @@ def _new_job(request: JobRequest, spec: JobSpec, settings: Settings) -> dict[str
 
 
 def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]]) -> None:
-    """Each table's rows in one statement (jobs first: the others refer to them).
+    """The jobs' rows, their model links, their first events and their keys.
 
-    On PostgreSQL the statements and the commit go in one round trip (``api/pg_intake.py``);
-    elsewhere each is a multi-row insert through SQLAlchemy, committed by the caller.
+    On PostgreSQL all of them are one statement, committed by itself (``api/pg_intake.py``);
+    elsewhere each table's rows are one executemany, jobs first (``api/dbapi_intake.py``),
+    committed by the caller.
     """
     links = [{"job_id": c["id"], "model_id": m} for c, model_ids in jobs for m in model_ids]
     events = [
@@ -402,10 +406,8 @@ def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]])
     inserts = [(JOBS, [c for c, _ in jobs]), (JOB_MODELS, links), (EVENTS, events), (KEYS, keys)]
     if (driver := pg_intake.driver_connection(conn)) is not None:
         pg_intake.insert_and_commit(driver, inserts)
-        return
-    for table, rows in inserts:
-        if rows:
-            conn.execute(insert(table), rows)
+    else:
+        dbapi_intake.insert_rows(conn, inserts)
 
 
 def _replays(conn: Connection, requests: list[JobRequest]) -> list[Row[Any] | Conflict | None]:

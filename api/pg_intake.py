@@ -1,16 +1,19 @@
-"""The job intake's statements on PostgreSQL, sent through psycopg's pipeline mode.
+"""The job intake's statements on PostgreSQL: two statements per batch, sent by psycopg itself.
 
-SQLAlchemy sends a statement and waits for its answer before the next: a batch of jobs made
-seven round trips (BEGIN, two lookups, three inserts, COMMIT). After each, the intake thread
-must win the GIL back from the event loop, and under load that wait, not the database, was
-more than half of a batch's time. Pipelined, the lookups are one round trip and the inserts
-with the COMMIT another. The rows and the checks are the intake's own (``api/job_intake.py``),
-which sends the same statements through SQLAlchemy on every other database.
+Through SQLAlchemy a batch of jobs made seven round trips (BEGIN, two lookups, three inserts,
+COMMIT), and each round trip costs the intake thread more than the database's time: psycopg's
+Python per statement and per value, and winning the GIL back from the event loop after the
+wait. Here a batch sends two statements on an autocommit connection: one reads the models and
+the datasets the specs name, one inserts every row of every table (an atomic statement, so no
+BEGIN or COMMIT). The rows and the checks are the intake's own (``api/job_intake.py``); other
+databases get the same rows through ``api/dbapi_intake.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from psycopg import Connection as PgConnection
@@ -20,11 +23,13 @@ from sqlalchemy import Connection, Table
 
 from core.models import Dataset, Model
 
-_MODELS = (
-    f"SELECT id, tenant_id, format, signature, trainable, arch FROM {Model.__tablename__} "
-    "WHERE id = ANY(%s)"
+# Models and datasets in one result; a dataset's row has no format.
+_UPLOADS = (
+    "SELECT id, tenant_id, format, signature, trainable, arch, NULL::json AS info "
+    f"FROM {Model.__tablename__} WHERE id = ANY(%s) "
+    "UNION ALL SELECT id, tenant_id, NULL, NULL, NULL, NULL, info "
+    f"FROM {Dataset.__tablename__} WHERE id = ANY(%s)"
 )
-_DATASETS = f"SELECT id, tenant_id, info FROM {Dataset.__tablename__} WHERE id = ANY(%s)"
 
 
 def driver_connection(conn: Connection) -> PgConnection[Any] | None:
@@ -36,34 +41,47 @@ def driver_connection(conn: Connection) -> PgConnection[Any] | None:
 def lookup_uploads(
     driver: PgConnection[Any], model_ids: Sequence[str], dataset_ids: Sequence[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The models and the datasets with these ids, by id, in one round trip."""
-    with driver.pipeline():
-        models = driver.cursor(row_factory=namedtuple_row).execute(_MODELS, (list(model_ids),))
-        datasets = driver.cursor(row_factory=namedtuple_row).execute(
-            _DATASETS, (list(dataset_ids),)
-        )
-        return {m.id: m for m in models.fetchall()}, {d.id: d for d in datasets.fetchall()}
+    """The models and the datasets with these ids, by id, in one statement."""
+    rows = (
+        driver.cursor(row_factory=namedtuple_row)
+        .execute(_UPLOADS, (list(model_ids), list(dataset_ids)))
+        .fetchall()
+    )
+    models = {row.id: row for row in rows if row.format is not None}
+    datasets = {row.id: row for row in rows if row.format is None}
+    return models, datasets
 
 
 def insert_and_commit(
     driver: PgConnection[Any], inserts: Sequence[tuple[Table, list[dict[str, Any]]]]
 ) -> None:
-    """Each table's rows (in the order given: a row's parent first), then COMMIT, in one round
-    trip. A unique key taken meanwhile raises ``psycopg.IntegrityError``."""
-    with driver.pipeline():
-        cursor = driver.cursor()
-        for table, rows in inserts:
-            if rows:
-                cursor.executemany(_insert(table, rows[0]), [_adapted(row) for row in rows])
-        driver.commit()
+    """Every table's rows in one statement, committed (by itself on an autocommit connection).
+    A unique key taken meanwhile raises ``psycopg.IntegrityError`` and stores nothing.
+
+    Each table's rows go as one JSON array that the server expands into rows
+    (``json_populate_recordset``): one value to send instead of one per column of each row,
+    which in psycopg cost as much as the rest of a batch.
+    """
+    steps, params = [], []
+    for table, rows in inserts:
+        if rows:
+            columns = ", ".join(f'"{name}"' for name in rows[0])
+            steps.append(
+                f"{table.name}_in AS (INSERT INTO {table.name} ({columns}) SELECT {columns} "
+                f"FROM json_populate_recordset(NULL::{table.name}, %s))"
+            )
+            params.append(Json(rows, dumps=_dumps))
+    if steps:
+        # Foreign keys are checked at the end of the statement, when every table has its rows.
+        driver.execute(f"WITH {', '.join(steps)} SELECT 1", params)
+    driver.commit()  # nothing to do on an autocommit connection
 
 
-def _insert(table: Table, columns: Iterable[str]) -> str:
-    names = list(columns)
-    values = ", ".join(f"%({name})s" for name in names)
-    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({values})"
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_isoformat, separators=(",", ":"))
 
 
-def _adapted(row: dict[str, Any]) -> dict[str, Any]:
-    # Every dict or list in these rows goes to a JSON column.
-    return {k: Json(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+def _isoformat(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in JSON")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -49,7 +50,7 @@ SPEC_BODY = {
 # --- responses -----------------------------------------------------------------------------------
 
 
-def job_public(job: Job | Row[Any]) -> JobPublic:
+def job_public(job: Job | Row[Any] | SimpleNamespace) -> JobPublic:
     """The API's job object: progress is filled in with the spec's stage and epoch counts."""
     spec = job.spec or {}
     progress: dict[str, Any] = {
