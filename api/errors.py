@@ -116,7 +116,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return unexpected_error_response(exc, request.method, request.url.path)
+
+
+def unexpected_error_response(exc: Exception, method: str, path: str) -> JSONResponse:
+    """The ``500`` for an error no handler expected; the traceback goes to the log."""
+    log.exception("unhandled error on %s %s", method, path, exc_info=exc)
     return error_response(
         500, "internal", "internal error; the service logged it, try again or report it"
     )

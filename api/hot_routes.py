@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import distill_error_response, error_response
+from api.errors import distill_error_response, error_response, unexpected_error_response
 from api.routes import jobs
 from core.errors import DistillError
 from core.logging import bind_log_context
@@ -67,6 +67,8 @@ class HotRoutes:
             response = await jobs.job_response(state, job_id, tenant)
         except DistillError as exc:
             response = distill_error_response(exc, "GET", scope["path"])
+        except Exception as exc:  # noqa: BLE001 - outside FastAPI's stack: its 500 is ours to send
+            response = unexpected_error_response(exc, "GET", scope["path"])
         await response(scope, receive, send)
         return True
 
@@ -96,6 +98,8 @@ class HotRoutes:
             response = await jobs.submit_job(state, tenant, spec, key)
         except DistillError as exc:
             response = distill_error_response(exc, "POST", scope["path"])
+        except Exception as exc:  # noqa: BLE001 - outside FastAPI's stack: its 500 is ours to send
+            response = unexpected_error_response(exc, "POST", scope["path"])
         await response(scope, receive, send)
         return None
 

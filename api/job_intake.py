@@ -66,10 +66,11 @@ class JobRequest:
     tenant: Tenant
     body: Any
     idempotency_key: str | None = None
-    digest: str = field(init=False)
+    # The body's hash, which a key's later uses are checked against (none without a key).
+    digest: str | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.digest = request_hash(self.body)
+        self.digest = None if self.idempotency_key is None else request_hash(self.body)
 
 
 # A stored job, as its columns (a new job's by name, an earlier one's as the row its key names),

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from api.hot_routes import MAX_SPEC_BYTES, HotRoutes
 from tests.service.api_support import Api, Tenant, build_api, insert_dataset, insert_model
@@ -179,3 +180,35 @@ def test_hot_routes_are_counted_and_authenticated(
     for headers in ({}, {"Authorization": "Bearer dk_wrong"}):
         assert hot.client.get(f"/v1/jobs/{job['id']}", headers=headers).status_code == 401
         assert hot.client.post("/v1/jobs", json=spec, headers=headers).status_code == 401
+
+
+def test_an_unexpected_failure_is_a_logged_500_in_the_envelope(
+    apps: tuple[Api, Api],
+    owner: tuple[Tenant, dict[str, Any]],
+    hot_calls: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hot routes sit outside FastAPI's error handling, so they give its 500 themselves."""
+    hot, plain = apps
+    tenant, spec = owner
+    job = hot.client.post("/v1/jobs", json=spec, headers=tenant.headers).json()
+
+    def database_gone(*args: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr("api.routes.jobs.read_job", database_gone)
+    for api in (hot, plain):
+        api.app.state.job_intake.submit = database_gone
+    answers = []
+    for api in (hot, plain):
+        client = TestClient(api.app, raise_server_exceptions=False)  # answers as a server does
+        answers.append(client.get(f"/v1/jobs/{job['id']}", headers=tenant.headers))
+        answers.append(client.post("/v1/jobs", json=spec, headers=tenant.headers))
+    for hot_answer, plain_answer in zip(answers[:2], answers[2:], strict=True):
+        assert hot_answer.status_code == 500
+        assert hot_answer.json()["error"]["code"] == "internal"
+        _same(hot_answer, plain_answer)
+    assert hot_calls[-2:] == [f"GET /v1/jobs/{job['id']}", "POST /v1/jobs"]
+    logged = [r for r in caplog.records if "the database went away" in str(r.exc_info)]
+    assert len(logged) == 4  # both apps, both routes
