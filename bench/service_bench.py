@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,17 @@ def cpu_probe() -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
-def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -> dict:
+def _wrk(
+    url: str,
+    script: Path,
+    rate: int,
+    seconds: int,
+    env: dict[str, str],
+    server: psutil.Process | None = None,
+) -> dict:
+    """One wrk run; with ``server``, also the CPU its process tree used (100 = one core)."""
     probe_ms = cpu_probe()
+    cpu_before, started = _tree_cpu_seconds(server), time.perf_counter()
     connections, threads = 64, 2
     run = subprocess.run(
         [
@@ -135,6 +144,11 @@ def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -
         },
         check=True,
     )
+    cpu_percent = (
+        round((_tree_cpu_seconds(server) - cpu_before) / (time.perf_counter() - started) * 100)
+        if server is not None
+        else None
+    )
     out = run.stdout
     if "Latency Distribution" not in out:
         raise RuntimeError(f"wrk printed no latency distribution:\n{out}\n{run.stderr}")
@@ -150,7 +164,20 @@ def _wrk(url: str, script: Path, rate: int, seconds: int, env: dict[str, str]) -
         "requests_per_s": round(rps, 1),
         "non_2xx": int(errors.group(1)) if errors else 0,
         "cpu_probe_ms": probe_ms,
+        **({"server_cpu_percent": cpu_percent} if server is not None else {}),
     }
+
+
+def _tree_cpu_seconds(process: psutil.Process | None) -> float:
+    """User and system CPU seconds of a process and its children so far."""
+    if process is None:
+        return 0.0
+    total = 0.0
+    for proc in (process, *process.children(recursive=True)):
+        with suppress(psutil.Error):  # a child that ended meanwhile
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _ms(text: str) -> float:
@@ -171,6 +198,7 @@ def latency(
         ),
     ):
         model, ds = _upload(base)
+        server = psutil.Process(int(info["api_pid"]))
         time.sleep(10)  # the uploads' replacement sandbox children finish importing torch
         body = json.dumps({"teacher": {"model_id": model}, "dataset_id": ds})
         job = httpx.post(
@@ -188,7 +216,7 @@ def latency(
             ("post_job", post_url, "post_job.lua", {"BODY": body}),
         ):
             _wrk(url, WRK_DIR / script, rate, WARMUP_SECONDS, env)
-            runs = [_wrk(url, WRK_DIR / script, rate, seconds, env) for _ in range(repeat)]
+            runs = [_wrk(url, WRK_DIR / script, rate, seconds, env, server) for _ in range(repeat)]
             results[name] = _summary(runs)
         if calibrate:
             results["floor_post"] = _floor(
@@ -220,9 +248,13 @@ def _floor(
     )
     try:
         script, env_body = WRK_DIR / "post_job.lua", {"BODY": body}
+        server = psutil.Process(floor.popen.pid)
         _wrk(f"{base}/v1/jobs", script, rate, WARMUP_SECONDS, env_body)
         return _summary(
-            [_wrk(f"{base}/v1/jobs", script, rate, seconds, env_body) for _ in range(repeat)]
+            [
+                _wrk(f"{base}/v1/jobs", script, rate, seconds, env_body, server)
+                for _ in range(repeat)
+            ]
         )
     finally:
         floor.stop()
