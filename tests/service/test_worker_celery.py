@@ -112,11 +112,15 @@ def test_a_burst_of_jobs_reaches_the_broker_whole_and_in_order(stack: dict[str, 
     for job_id in ids:
         sender.submit(SimpleNamespace(id=job_id, queue="cpu"))
     sender.close()
-    taken = []
+    taken, task_ids = [], set()
     with app.connection_for_read() as conn:
         while (message := conn.default_channel.basic_get("cpu", no_ack=True)) is not None:
+            assert message.headers["task"] == "distill.run_job"
+            assert message.decode()[0] == [message.headers["argsrepr"][2:-2]]  # the job id
             taken.append(message.headers["argsrepr"])
+            task_ids.add(message.headers["id"])
     assert taken == [repr([job_id]) for job_id in ids]
+    assert len(task_ids) == len(ids)  # every message its own task id
 
 
 def test_beat_resends_a_job_whose_message_was_lost(stack: dict[str, str], tmp_path: Path) -> None:
