@@ -34,6 +34,7 @@ from core.models import (
     Dataset,
     IdempotencyKey,
     Job,
+    JobDataset,
     JobEvent,
     JobModel,
     Model,
@@ -50,7 +51,8 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError, sqlite3.IntegrityError)
 
 JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
-KEYS, JOB_MODELS, EVENTS = IdempotencyKey.__table__, JobModel.__table__, JobEvent.__table__
+KEYS, EVENTS = IdempotencyKey.__table__, JobEvent.__table__
+JOB_MODELS, JOB_DATASETS = JobModel.__table__, JobDataset.__table__
 
 # The columns of a job that its public form shows (``job_public`` reads them by name).
 PUBLIC_COLUMNS = [JOBS.c[name] for name in JobPublic.model_fields if name in JOBS.c]
@@ -134,7 +136,9 @@ class JobIntake(BatchingThread[tuple[JobRequest, "Future[Taken]"]]):
                 conn.close()
 
 
-def take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -> list[Outcome]:
+def take_in(
+    conn: Connection, requests: list[JobRequest], settings: Settings, *, retry: bool = True
+) -> list[Outcome]:
     """Validate and store the jobs of these requests; an outcome for each, in order.
 
     A request whose Idempotency-Key was used before gets that earlier job (or ``Conflict`` if
@@ -146,12 +150,20 @@ def take_in(conn: Connection, requests: list[JobRequest], settings: Settings) ->
     except INTEGRITY_ERRORS as exc:
         _rollback(conn)
         if len(requests) > 1:
-            # A key was used twice: by two requests of this batch, or raced by another process.
-            # Each on its own, then: the first to commit owns the key, the others replay it.
+            # A key was used twice (by two requests of this batch, or raced by another process),
+            # or an upload was deleted since the lookup. Each on its own, then: the first to
+            # commit owns the key, the others replay it; a deleted upload fails its own request.
             return [_alone(conn, request, settings) for request in requests]
         earlier = _replays(conn, requests)[0]
         _rollback(conn)
-        return [(earlier, True) if isinstance(earlier, Row) else earlier or exc]
+        if earlier is not None:
+            return [(earlier, True) if isinstance(earlier, Row) else earlier]
+        if not retry:
+            return [exc]
+        # Not a key: a model or the dataset was deleted between the lookup and the insert
+        # (the foreign keys refused the job). Looked up again, it is missing, and the
+        # request gets the error that names it.
+        return take_in(conn, requests, settings, retry=False)
 
 
 def _alone(conn: Connection, request: JobRequest, settings: Settings) -> Outcome:
@@ -376,13 +388,14 @@ def _new_job(request: JobRequest, spec: JobSpec, settings: Settings) -> dict[str
 
 
 def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]]) -> None:
-    """The jobs' rows, their model links, their first events and their keys.
+    """The jobs' rows, their links to their models and dataset, their first events and keys.
 
     On PostgreSQL all of them are one statement, committed by itself (``api/pg_intake.py``);
     elsewhere each table's rows are one executemany, jobs first (``api/dbapi_intake.py``),
     committed by the caller.
     """
     links = [{"job_id": c["id"], "model_id": m} for c, model_ids in jobs for m in model_ids]
+    dataset_links = [{"job_id": c["id"], "dataset_id": c["spec"]["dataset_id"]} for c, _ in jobs]
     events = [
         {
             "job_id": c["id"],
@@ -404,7 +417,13 @@ def _insert_jobs(conn: Connection, jobs: list[tuple[dict[str, Any], list[str]]])
         for c, _ in jobs
         if c["idempotency_key"] is not None
     ]
-    inserts = [(JOBS, [c for c, _ in jobs]), (JOB_MODELS, links), (EVENTS, events), (KEYS, keys)]
+    inserts = [
+        (JOBS, [c for c, _ in jobs]),
+        (JOB_MODELS, links),
+        (JOB_DATASETS, dataset_links),
+        (EVENTS, events),
+        (KEYS, keys),
+    ]
     if (driver := pg_intake.driver_connection(conn)) is not None:
         pg_intake.insert_and_commit(driver, inserts)
     else:

@@ -12,11 +12,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.models import Artifact, Job, JobEvent, as_utc, new_id, utcnow
+from core.errors import Conflict
+from core.models import (
+    ACTIVE_STATUSES,
+    Artifact,
+    Dataset,
+    Job,
+    JobDataset,
+    JobEvent,
+    JobModel,
+    Model,
+    as_utc,
+    new_id,
+    utcnow,
+)
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 RUNNING_STATUSES = ("running", "cancelling")
@@ -322,3 +335,37 @@ def claim_resend(
     )
     session.commit()
     return won
+
+
+def delete_upload(session: Session, upload: Model | Dataset) -> None:
+    """Delete a model's or a dataset's row and commit; ``Conflict`` (and nothing deleted) while
+    a job that has not finished uses it.
+
+    Finished jobs let go of it first. The foreign keys from ``job_models`` and ``job_datasets``
+    settle a race with a job being submitted: whichever commits second fails.
+    """
+    kind, upload_id = ("model" if isinstance(upload, Model) else "dataset"), upload.id
+    column = JobModel.model_id if isinstance(upload, Model) else JobDataset.dataset_id
+    link = column.class_
+    finished = select(Job.id).where(Job.status.not_in(ACTIVE_STATUSES))
+    session.execute(delete(link).where(column == upload_id, link.job_id.in_(finished)))
+    active = jobs_using(session, column, upload_id)
+    if not active:
+        session.delete(upload)
+        try:
+            session.commit()
+            return
+        except IntegrityError:  # a job that uses it was stored meanwhile
+            active = []
+    session.rollback()
+    using = f"active job(s) {', '.join(active)}" if active else "a job submitted just now"
+    raise Conflict(
+        f"{kind} '{upload_id}' is used by {using}; cancel them or wait until they finish",
+        details={"jobs": list(active)},
+    )
+
+
+def jobs_using(session: Session, column: Any, upload_id: str) -> list[str]:
+    """The jobs linked to an upload through ``column`` (``JobModel.model_id`` or
+    ``JobDataset.dataset_id``)."""
+    return list(session.scalars(select(column.class_.job_id).where(column == upload_id)))

@@ -141,12 +141,24 @@ class Job(Base):
 
 
 class JobModel(Base):
-    """Which models a job uses (so a model in use by an active job cannot be deleted)."""
+    """Which models a job uses. The foreign key is what keeps a model from being deleted while
+    a job that uses it is stored: the delete route unlinks finished jobs first."""
 
     __tablename__ = "job_models"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    model_id: Mapped[str] = mapped_column(String(40), primary_key=True, index=True)
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.id", name="fk_job_models_model_id"), primary_key=True, index=True
+    )
+
+
+class JobDataset(Base):
+    """Which dataset a job learns from; as :class:`JobModel`, for datasets."""
+
+    __tablename__ = "job_datasets"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
 
 
 class IdempotencyKey(Base):

@@ -22,9 +22,10 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade_database(url: str) -> None:
-    """Bring the database at ``url`` to the newest schema (``alembic upgrade head``)."""
-    command.upgrade(alembic_config(url), "head")
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision``, by default the newest schema
+    (``alembic upgrade head``)."""
+    command.upgrade(alembic_config(url), revision)
 
 
 def downgrade_database(url: str, revision: str) -> None:

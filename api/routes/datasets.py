@@ -14,8 +14,8 @@ from api.routes.models import default_name
 from api.schemas import DatasetList, DatasetPublic, Deleted, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
-from core.errors import Conflict
-from core.models import ACTIVE_STATUSES, Dataset, Job, new_id
+from core.jobs import delete_upload
+from core.models import Dataset, new_id
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(401))
@@ -155,22 +155,7 @@ async def get_dataset(dataset: OwnedDatasetDep) -> Dataset:
 @router.delete("/{dataset_id}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_dataset(dataset: OwnedDatasetDep, session: SessionDep, storage: StorageDep) -> Deleted:
     """Delete a dataset and its file; refused while a queued or running job uses it."""
-    active = [
-        job_id
-        for job_id, spec in session.execute(
-            select(Job.id, Job.spec).where(
-                Job.tenant_id == dataset.tenant_id, Job.status.in_(ACTIVE_STATUSES)
-            )
-        )
-        if (spec or {}).get("dataset_id") == dataset.id
-    ]
-    if active:
-        raise Conflict(
-            f"dataset '{dataset.id}' is used by active job(s) {', '.join(active)}; cancel them "
-            "or wait until they finish",
-            details={"jobs": active},
-        )
-    session.delete(dataset)
-    session.commit()
-    storage.delete(dataset.storage_key)
-    return Deleted(id=dataset.id)
+    key, dataset_id = dataset.storage_key, dataset.id
+    delete_upload(session, dataset)
+    storage.delete(key)
+    return Deleted(id=dataset_id)

@@ -22,8 +22,8 @@ from api.errors import InvalidRequest
 from api.schemas import Deleted, ModelList, ModelPublic, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
-from core.errors import Conflict
-from core.models import ACTIVE_STATUSES, Job, JobModel, Model, new_id
+from core.jobs import delete_upload
+from core.models import Model, new_id
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401))
@@ -230,18 +230,7 @@ async def get_model(model: OwnedModelDep) -> Model:
 @router.delete("/{model_id}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_model(model: OwnedModelDep, session: SessionDep, storage: StorageDep) -> Deleted:
     """Delete a model and its file; refused while a queued or running job uses it."""
-    active = session.scalars(
-        select(Job.id)
-        .join(JobModel, JobModel.job_id == Job.id)
-        .where(JobModel.model_id == model.id, Job.status.in_(ACTIVE_STATUSES))
-    ).all()
-    if active:
-        raise Conflict(
-            f"model '{model.id}' is used by active job(s) {', '.join(active)}; cancel them or "
-            "wait until they finish",
-            details={"jobs": list(active)},
-        )
-    session.delete(model)
-    session.commit()
-    storage.delete(model.storage_key)
-    return Deleted(id=model.id)
+    key, model_id = model.storage_key, model.id
+    delete_upload(session, model)
+    storage.delete(key)
+    return Deleted(id=model_id)

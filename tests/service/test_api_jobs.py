@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+import core.jobs
+from api import job_intake
 from api.job_intake import JobIntake, JobRequest, take_in
 from core.db import get_engine
 from core.errors import Conflict, InvalidSpec
 from core.jobs import add_event
-from core.models import Job, JobModel, Tenant
+from core.models import Dataset, Job, JobModel, Model, Tenant
 from tests.conftest import POSTGRES_URL, require_service
 from tests.service.api_support import (
     Api,
@@ -250,6 +252,54 @@ def test_delete_model_refused_while_a_job_uses_it(api: Api, setup: dict[str, str
     assert (
         api.client.delete(f"/v1/datasets/{setup['dataset']}", headers=_h(setup)).status_code == 200
     )
+
+
+@pytest.mark.parametrize("upload", ["dataset", "teacher"])
+def test_an_upload_deleted_while_its_job_is_taken_in_fails_that_request_only(
+    api: Api, setup: dict[str, str], monkeypatch: pytest.MonkeyPatch, upload: str
+) -> None:
+    """The intake looks uploads up, then inserts: an upload deleted in between is refused by
+    the foreign keys, and the request gets the error that names it, not a job without it."""
+    real_insert = job_intake._insert_jobs
+    model = Dataset if upload == "dataset" else Model
+
+    def delete_first(conn, jobs):  # noqa: ANN001, ANN202 - the intake's own signature
+        monkeypatch.setattr(job_intake, "_insert_jobs", real_insert)
+        with api.session() as s:  # another connection, as a DELETE request would be
+            s.delete(s.get(model, setup[upload]))
+            s.commit()
+        real_insert(conn, jobs)
+
+    monkeypatch.setattr(job_intake, "_insert_jobs", delete_first)
+    r = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup))
+    assert r.status_code == 422, r.text
+    field = "dataset_id" if upload == "dataset" else "teacher.model_id"
+    assert r.json()["error"]["details"]["field"] == field
+    assert setup[upload] in r.json()["error"]["message"]
+    assert _job_count(api, setup["tenant"]) == 0
+    again = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup))
+    assert again.status_code == 422  # and the intake goes on
+
+
+@pytest.mark.parametrize("upload", ["dataset", "teacher"])
+def test_a_delete_that_races_a_new_job_is_refused_by_the_database(
+    api: Api, setup: dict[str, str], monkeypatch: pytest.MonkeyPatch, upload: str
+) -> None:
+    """The route's own check can miss a job stored after it; the foreign key cannot."""
+    job = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup)).json()
+    monkeypatch.setattr(core.jobs, "jobs_using", lambda *args: [])
+    path = (
+        f"/v1/datasets/{setup['dataset']}"
+        if upload == "dataset"
+        else f"/v1/models/{setup['teacher']}"
+    )
+    r = api.client.delete(path, headers=_h(setup))
+    monkeypatch.undo()
+    assert r.status_code == 409, r.text
+    assert "submitted just now" in r.json()["error"]["message"]
+    assert api.client.get(path, headers=_h(setup)).status_code == 200  # nothing deleted
+    api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(setup))
+    assert api.client.delete(path, headers=_h(setup)).status_code == 200
 
 
 def test_events_after_and_limit(api: Api, setup: dict[str, str]) -> None:
