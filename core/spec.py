@@ -168,6 +168,7 @@ DistillationSpec = Annotated[
     Field(discriminator="method"),
 ]
 METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd")
+FEATURE_METHODS = ("fitnet", "attention", "rkd")  # they read the teacher's intermediate layers
 
 
 class StageSpec(StrictModel):
@@ -374,6 +375,7 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
             f"method '{distillation.method}' needs class logits; use 'mse' for regression",
             field="distillation.method",
         )
+    _check_feature_method(spec, teachers)
     data = spec.model_dump()
     data["task"] = task
     data["distillation"] = distillation.model_dump()
@@ -395,6 +397,29 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
                 field=f"stages.{i}.student.shrink" if spec.stages else "student.shrink",
             )
     return JobSpec.model_validate(data)
+
+
+def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
+    """A feature method in the first stage (the one the uploaded teacher teaches) needs one
+    teacher whose layers can be read: refused here rather than when the job runs."""
+    method = spec.chain()[0].distillation
+    if method is None or method.method not in FEATURE_METHODS:
+        return
+    own = spec.stages is not None and spec.stages[0].distillation is not None
+    field = "stages.0.distillation.method" if own else "distillation.method"
+    if len(teachers) > 1:
+        raise InvalidSpec(
+            f"method '{method.method}' reads a teacher's layers and needs a single teacher; use "
+            "kd, dkd or mse with an ensemble",
+            field=field,
+        )
+    if teachers[0].format == "torchscript":
+        raise InvalidSpec(
+            f"method '{method.method}' reads the teacher's intermediate layers, which a "
+            "TorchScript teacher cannot give; upload the teacher as an exported_program "
+            "(torch.export.save), or use an output method (kd, dkd, mse)",
+            field=field,
+        )
 
 
 def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:

@@ -112,3 +112,47 @@ def test_ensemble_teachers_must_agree_on_output_shape() -> None:
     with pytest.raises(ShapeMismatch) as info:
         complete_spec(spec, [TEACHER, other], DIGITS)
     assert info.value.field == "teachers.1"
+
+
+@pytest.mark.parametrize("method", ["fitnet", "attention", "rkd"])
+def test_a_feature_method_with_a_torchscript_teacher_is_refused_up_front(method: str) -> None:
+    torchscript = TEACHER.model_copy(update={"format": "torchscript"})
+    spec = parse_spec({**MINIMAL, "distillation": {"method": method}})
+    with pytest.raises(InvalidSpec) as info:
+        complete_spec(spec, [torchscript], DIGITS)
+    assert info.value.field == "distillation.method"
+    assert "exported_program" in str(info.value)
+    complete_spec(spec, [TEACHER], DIGITS)  # an exported program's layers can be read
+    kd = parse_spec({**MINIMAL, "distillation": {"method": "kd"}})
+    complete_spec(kd, [torchscript], DIGITS)  # and output methods need no layers
+
+
+def test_a_feature_method_with_an_ensemble_is_refused_up_front() -> None:
+    spec = parse_spec(
+        {
+            "teachers": [{"model_id": "a"}, {"model_id": "b"}],
+            "dataset_id": "d",
+            "stages": [
+                {"student": {"preset": "cnn"}, "distillation": {"method": "fitnet"}},
+                {"student": {"preset": "mlp"}},
+            ],
+        }
+    )
+    with pytest.raises(InvalidSpec) as info:
+        complete_spec(spec, [TEACHER, TEACHER], DIGITS)
+    assert info.value.field == "stages.0.distillation.method"
+
+
+def test_a_later_stage_may_use_a_feature_method_whatever_the_teacher() -> None:
+    """Stage 2's teacher is stage 1's student, whose layers can always be read."""
+    torchscript = TEACHER.model_copy(update={"format": "torchscript"})
+    spec = parse_spec(
+        {
+            **MINIMAL,
+            "stages": [
+                {"student": {"preset": "cnn"}},
+                {"student": {"preset": "mlp"}, "distillation": {"method": "rkd"}},
+            ],
+        }
+    )
+    complete_spec(spec, [torchscript], DIGITS)

@@ -140,6 +140,20 @@ def test_invalid_specs_are_refused_naming_the_field(
     assert _job_count(api, setup["tenant"]) == 0 and api.enqueued == []
 
 
+def test_a_feature_method_with_a_torchscript_teacher_is_refused_at_submission(
+    api: Api, setup: dict[str, str]
+) -> None:
+    with api.session() as s:
+        scripted = insert_model(s, setup["tenant"], format="torchscript")
+    spec = _spec(setup, distillation={"method": "fitnet"})
+    spec["teacher"] = {"model_id": scripted.id}
+    r = api.client.post("/v1/jobs", json=spec, headers=_h(setup))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["details"]["field"] == "distillation.method"
+    assert "exported_program" in r.json()["error"]["message"]
+    assert _job_count(api, setup["tenant"]) == 0 and api.enqueued == []
+
+
 def test_shape_mismatch_names_the_teacher(api: Api, setup: dict[str, str]) -> None:
     with api.session() as s:
         rgb = insert_dataset(s, setup["tenant"], x_shape=[None, 3, 32, 32])
