@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import func, select
 
 import core.jobs
@@ -18,7 +21,7 @@ from api.job_intake import JobIntake, JobRequest, take_in
 from core.db import get_engine
 from core.errors import Conflict, InvalidSpec
 from core.jobs import add_event
-from core.models import Dataset, Job, JobModel, Model, Tenant
+from core.models import Dataset, Job, JobDataset, JobModel, Model, Tenant
 from tests.conftest import POSTGRES_URL, require_service
 from tests.service.api_support import (
     Api,
@@ -314,6 +317,40 @@ def test_a_delete_that_races_a_new_job_is_refused_by_the_database(
     assert api.client.get(path, headers=_h(setup)).status_code == 200  # nothing deleted
     api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(setup))
     assert api.client.delete(path, headers=_h(setup)).status_code == 200
+
+
+def test_a_submit_and_a_delete_racing_for_one_dataset_never_orphan_a_job(
+    api: Api, setup: dict[str, str]
+) -> None:
+    """Real concurrency, both orders: the job is stored and the delete refused, or the delete
+    goes through and the job is refused; never both, never a 500."""
+    posts, deletes = TestClient(api.app), TestClient(api.app)  # one per thread
+    for _ in range(20):
+        with api.session() as s:
+            dataset = insert_dataset(s, setup["tenant"]).id
+        start = threading.Barrier(2)  # both requests leave together
+        spec = _spec(setup, dataset_id=dataset)
+        with ThreadPoolExecutor(2) as pool:
+            submit = pool.submit(
+                _after, start, partial(posts.post, "/v1/jobs", json=spec, headers=_h(setup))
+            )
+            remove = pool.submit(
+                _after, start, partial(deletes.delete, f"/v1/datasets/{dataset}", headers=_h(setup))
+            )
+            submitted, deleted = submit.result(), remove.result()
+        outcome = (submitted.status_code, deleted.status_code)
+        assert outcome in {(201, 409), (422, 200)}, (submitted.text, deleted.text)
+        with api.session() as s:
+            kept = s.get(Dataset, dataset) is not None
+            linked = s.scalars(select(JobDataset.job_id).where(JobDataset.dataset_id == dataset))
+            assert kept == (submitted.status_code == 201) == bool(list(linked))
+        if submitted.status_code == 201:
+            api.client.post(f"/v1/jobs/{submitted.json()['id']}/cancel", headers=_h(setup))
+
+
+def _after(barrier: threading.Barrier, send: Callable[[], Response]) -> Response:
+    barrier.wait()
+    return send()
 
 
 def test_events_after_and_limit(api: Api, setup: dict[str, str]) -> None:
