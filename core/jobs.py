@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.errors import Conflict
 from core.models import (
@@ -344,28 +344,36 @@ def delete_upload(session: Session, upload: Model | Dataset) -> None:
     Finished jobs let go of it first. The foreign keys from ``job_models`` and ``job_datasets``
     settle a race with a job being submitted: whichever commits second fails.
     """
-    kind, upload_id = ("model" if isinstance(upload, Model) else "dataset"), upload.id
-    column = JobModel.model_id if isinstance(upload, Model) else JobDataset.dataset_id
-    link = column.class_
+    kind, column = _UPLOAD_LINKS[type(upload)]
+    upload_id, link = upload.id, column.class_
     finished = select(Job.id).where(Job.status.not_in(ACTIVE_STATUSES))
     session.execute(delete(link).where(column == upload_id, link.job_id.in_(finished)))
-    active = jobs_using(session, column, upload_id)
-    if not active:
-        session.delete(upload)
-        try:
-            session.commit()
-            return
-        except IntegrityError:  # a job that uses it was stored meanwhile
-            active = []
-    session.rollback()
-    using = f"active job(s) {', '.join(active)}" if active else "a job submitted just now"
-    raise Conflict(
-        f"{kind} '{upload_id}' is used by {using}; cancel them or wait until they finish",
-        details={"jobs": list(active)},
-    )
+    if active := jobs_using(session, column, upload_id):
+        session.rollback()
+        raise _in_use(kind, upload_id, f"active job(s) {', '.join(active)}", active)
+    session.delete(upload)
+    try:
+        session.commit()
+    except IntegrityError:  # a job that uses it was stored meanwhile
+        session.rollback()
+        raise _in_use(kind, upload_id, "a job submitted just now", []) from None
 
 
-def jobs_using(session: Session, column: Any, upload_id: str) -> list[str]:
+# How each kind of upload is linked to the jobs that use it.
+_UPLOAD_LINKS: dict[type, tuple[str, InstrumentedAttribute[str]]] = {
+    Model: ("model", JobModel.model_id),
+    Dataset: ("dataset", JobDataset.dataset_id),
+}
+
+
+def jobs_using(session: Session, column: InstrumentedAttribute[str], upload_id: str) -> list[str]:
     """The jobs linked to an upload through ``column`` (``JobModel.model_id`` or
     ``JobDataset.dataset_id``)."""
     return list(session.scalars(select(column.class_.job_id).where(column == upload_id)))
+
+
+def _in_use(kind: str, upload_id: str, using: str, jobs: list[str]) -> Conflict:
+    return Conflict(
+        f"{kind} '{upload_id}' is used by {using}; cancel them or wait until they finish",
+        details={"jobs": jobs},
+    )

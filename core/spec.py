@@ -402,10 +402,10 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
 def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
     """A feature method in the first stage (the one the uploaded teacher teaches) needs one
     teacher whose layers can be read: refused here rather than when the job runs."""
-    method = spec.chain()[0].distillation
+    own = spec.stages is not None and spec.stages[0].distillation is not None
+    method = spec.stages[0].distillation if own else spec.distillation  # as chain() falls back
     if method is None or method.method not in FEATURE_METHODS:
         return
-    own = spec.stages is not None and spec.stages[0].distillation is not None
     field = "stages.0.distillation.method" if own else "distillation.method"
     if len(teachers) > 1:
         raise InvalidSpec(

@@ -45,9 +45,9 @@ def send_job(
         kwargsrepr="{}",
         ignore_result=None,  # the task's own setting decides, as with send_task
     )
-    with app.producer_or_acquire(producer) as producer:
+    with app.producer_or_acquire(producer) as held:
         app.amqp.send_task_message(
-            producer,
+            held,
             RUN_JOB_TASK,
             message,
             queue=queue,
