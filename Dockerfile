@@ -12,6 +12,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 10001 distill
+# bubblewrap builds the cage every uploaded model is opened in (docs/SECURITY.md); prlimit and
+# setpriv come with util-linux.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap util-linux \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 
 # torch first, from the index that matches the image (CPU or CUDA), so the project's

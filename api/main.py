@@ -19,7 +19,7 @@ from api.job_intake import JobIntake
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, jobs, models, ops
 from api.tenants import TenantResolver
-from core.config import Settings, get_settings
+from core.config import Settings, get_settings, warn_about_isolation
 from core.db import get_engine, get_read_engine, session_factory
 from core.distill.inspect import keep_inspection_warm
 from core.distill.sandbox import stop_warm
@@ -94,8 +94,11 @@ def _configure_server_logging() -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    if app.state.settings.warm_sandbox:
-        keep_inspection_warm()  # a new interpreter importing torch: seconds saved per upload
+    settings = app.state.settings
+    warn_about_isolation(settings, logging.getLogger("distill.api"))
+    if settings.warm_sandbox:
+        # A new interpreter importing torch: seconds saved per upload.
+        keep_inspection_warm(settings.isolation)
     # What exists now (modules, the app, the engine) lives as long as the process. Left to the
     # collector, each full collection walks all of it: tens of milliseconds during which no
     # request is served. Frozen objects are never scanned.

@@ -70,9 +70,17 @@ def resolve(base: Path, path: str) -> Path:
 
 
 def model_files(spec: JobSpec, base: Path) -> dict[str, ModelFile]:
-    """Open each model file of the spec in the sandbox to learn its format (and architecture)."""
+    """Open each model file of the spec in the sandbox to learn its format (and architecture).
+
+    The files are the user's own and this process runs them next: caged when a cage can be
+    built here, uncaged otherwise (nothing to refuse a user their own model for).
+    """
+    from core.distill import cage
     from core.distill.inspect import inspect_model_file
 
+    isolation = cage.isolation("on")
+    if not isolation.caged:
+        isolation = cage.isolation("off")
     files: dict[str, ModelFile] = {}
     for field, ref in _model_refs(spec):
         assert ref.path is not None
@@ -81,7 +89,7 @@ def model_files(spec: JobSpec, base: Path) -> dict[str, ModelFile]:
         path = resolve(base, ref.path)
         if not path.is_file():
             raise InvalidSpec(f"'{field}.path': no such file {path}", field=f"{field}.path")
-        info = inspect_model_file(path, format=ref.format, arch=ref.arch)
+        info = inspect_model_file(path, format=ref.format, arch=ref.arch, isolation=isolation)
         files[ref.path] = ModelFile(
             path=path,
             format=info.format,

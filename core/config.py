@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.distill.cage import Isolation, isolation
 
 
 class Settings(BaseSettings):
@@ -38,6 +41,9 @@ class Settings(BaseSettings):
     # A job process whose memory (RSS, its children included) passes this is stopped and the job
     # fails ``out_of_memory`` (not retried). None: only the machine's (or cgroup's) limit.
     job_memory_mb: int | None = Field(default=None, gt=0)
+    # What a job process may write (checkpoints, artifacts, TensorBoard files) before it is
+    # stopped and the job fails ``out_of_disk``.
+    job_disk_mb: int = Field(default=20 * 1024, gt=0)
 
     # Optional: every job's per-epoch metrics as TensorBoard scalars under <dir>/<job id>.
     tensorboard_dir: Path | None = None
@@ -48,6 +54,10 @@ class Settings(BaseSettings):
     # Keep one sandbox process started (torch imported) for the next upload: seconds faster,
     # at the cost of one idle interpreter (about 300 MB) per API process.
     warm_sandbox: bool = True
+    # Every process that opens an uploaded model runs in a bubblewrap cage (docs/SECURITY.md).
+    # "on": caged where a cage can be built; where it cannot, TorchScript and torch.export
+    # uploads are refused. "off": the operator runs uploads uncaged, knowingly (warned at start).
+    cage: Literal["on", "off"] = "on"
 
     @model_validator(mode="after")
     def _production_needs_servers(self) -> Settings:
@@ -65,6 +75,11 @@ class Settings(BaseSettings):
         return self
 
     @cached_property
+    def isolation(self) -> Isolation:
+        """How uploaded models are opened on this machine under the ``cage`` setting."""
+        return isolation(self.cage)
+
+    @cached_property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'distill.db').resolve()}"
 
@@ -75,6 +90,26 @@ class Settings(BaseSettings):
     @cached_property
     def storage(self) -> str:
         return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+
+def warn_about_isolation(settings: Settings, log: logging.Logger) -> None:
+    """Say loudly at start when uploaded models will not be caged."""
+    found = settings.isolation
+    if found.caged:
+        return
+    if found.programs_allowed:
+        log.warning(
+            "UPLOADED MODELS RUN UNCAGED (%s): a TorchScript or torch.export upload can read "
+            "and write every file this process can, and reach the network. Do not run it so "
+            "for tenants you do not trust.",
+            found.reason,
+        )
+    else:
+        log.warning(
+            "no cage for uploaded models here (%s): TorchScript and torch.export uploads are "
+            "refused; install bubblewrap, or set DISTILL_CAGE=off to accept them uncaged",
+            found.reason,
+        )
 
 
 def get_settings() -> Settings:

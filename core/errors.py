@@ -17,6 +17,7 @@
     └── JobError                      (a job that ran and failed; the job's error.code)
         ├── TrainingDiverged          training_diverged
         ├── OutOfMemory               out_of_memory
+        ├── OutOfDisk                 out_of_disk
         ├── JobTimeout                timeout
         ├── WorkerLost                worker_lost
         ├── ExportFailed              export_failed
@@ -125,6 +126,12 @@ class TrainingDiverged(JobError):
 
 class OutOfMemory(JobError):
     code = "out_of_memory"
+
+
+class OutOfDisk(JobError):
+    """The job wrote more than its worker allows (``DISTILL_JOB_DISK_MB``)."""
+
+    code = "out_of_disk"
 
 
 class JobTimeout(JobError):

@@ -7,16 +7,17 @@ reconciliation never waits behind a long job.
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import suppress
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, task_postrun, task_prerun
+from celery.signals import after_setup_logger, task_postrun, task_prerun, worker_ready
 from kombu import Exchange, Queue
 
 import core.db  # noqa: F401  (tunes SQLite connections, the broker transport's included)
-from core.config import Settings, get_settings
+from core.config import Settings, get_settings, warn_about_isolation
 from core.logging import close_context, format_root_handlers, open_context
 
 JOB_QUEUES = ("cpu", "gpu")
@@ -105,6 +106,11 @@ def _log_format(**_: object) -> None:
     # Celery installs its own handlers; give them distill's format (DISTILL_LOG_FORMAT=json) and
     # the job context.
     format_root_handlers()
+
+
+@worker_ready.connect
+def _warn_about_isolation(**_: object) -> None:
+    warn_about_isolation(get_settings(), logging.getLogger("distill.worker"))
 
 
 @task_prerun.connect

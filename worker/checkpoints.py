@@ -7,13 +7,15 @@ before a run, and deleted once the job is terminal.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,33 @@ def _read_manifest(storage: Any, job_id: str) -> list[str]:
     return [n for n in names if isinstance(n, str) and ".." not in Path(n).parts]
 
 
+class NotInside(Exception):
+    """A path the job process controls leads outside its folder (a link) or to no plain file."""
+
+
+def open_inside(path: Path, folder: Path) -> BinaryIO:
+    """Open a file the job process wrote, only if it is a plain file inside ``folder``.
+
+    The job process may replace a checkpoint with a link to a file of the worker's host while
+    we look: the file is opened without following a final link, and the path it was really
+    opened at is checked afterwards.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the final part is a link
+            raise NotInside(str(path)) from None
+        raise
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not real.is_relative_to(folder.resolve()):
+            raise NotInside(str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def restore_checkpoints(storage: Any, job_id: str, work_dir: Path) -> None:
     """Bring back the checkpoints an earlier attempt uploaded, so the engine resumes."""
     for name in _read_manifest(storage, job_id):
@@ -63,7 +92,7 @@ def sync_checkpoints(storage: Any, job_id: str, work_dir: Path, seen: dict[str, 
     for path in sorted(work_dir.rglob("*.pt")):
         name = path.relative_to(work_dir).as_posix()
         try:
-            with path.open("rb") as src:
+            with open_inside(path, work_dir) as src:
                 stat = os.fstat(src.fileno())
                 signature = (stat.st_mtime_ns, stat.st_size)
                 if seen.get(name) == signature:
@@ -72,6 +101,9 @@ def sync_checkpoints(storage: Any, job_id: str, work_dir: Path, seen: dict[str, 
                     shutil.copyfileobj(src, snap)
         except FileNotFoundError:
             continue  # replaced between the listing and the open; the next sync takes it
+        except NotInside:
+            log.warning("checkpoint %s of %s is not a file of its folder; skipped", name, job_id)
+            continue
         try:
             storage.put_file(checkpoint_prefix(job_id) + name, Path(snap.name))
         finally:

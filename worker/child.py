@@ -1,7 +1,12 @@
-"""The job process: runs the engine, reports to its parent over a pipe as JSON.
+"""The job process: runs the engine, reports to its parent over a pipe as JSON lines.
 
-Started with ``spawn`` (never ``fork``: CUDA cannot be initialised in a forked child). It speaks
-JSON only, so the parent never unpickles anything from the process that opened uploaded files.
+Started as ``python -m worker.child`` (a new interpreter, never a fork: CUDA cannot be
+initialised in a forked child), inside the cage (:mod:`core.distill.cage`) when the worker has
+one. Its standard input carries the payload (one JSON line), then ``stop`` when the parent wants
+the job to stop; end of input means the parent is gone, and the process exits. Its standard
+output carries its messages, one JSON object a line; anything else the job prints goes to
+standard error. It speaks JSON only, so the parent never unpickles anything from the process
+that opened uploaded files.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import math
 import os
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -34,28 +38,33 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _exit_with_parent(interval: float = 0.5) -> None:
-    # A worker that is killed must not leave its job running: exit once the parent is gone.
-    parent = os.getppid()
+def _listen_to_parent(stop: threading.Event) -> None:
+    """Set ``stop`` on a ``stop`` line; exit when the parent closes our input (it is gone)."""
 
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent:
-                os._exit(70)
+    def listen() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                stop.set()
+        os._exit(70)  # a worker that is gone must not leave its job running
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=listen, name="parent-watch", daemon=True).start()
 
 
-def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
+def main() -> None:
     """Entry point of the child: run ``payload['engine']`` and send events and the outcome."""
-    _exit_with_parent()
+    payload = json.loads(sys.stdin.readline())
+    # Messages go to the original standard output alone; prints of the job go to stderr.
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    stop_event = threading.Event()
+    _listen_to_parent(stop_event)
     lock = threading.Lock()
 
     def send(message: dict[str, Any]) -> None:
-        data = json.dumps(jsonable(message)).encode()
+        data = json.dumps(jsonable(message)).encode() + b"\n"
         with lock:
-            conn.send_bytes(data)
+            channel.write(data)
+            channel.flush()
 
     from worker.tensorboard import open_exporter
 
@@ -100,7 +109,7 @@ def main(payload: dict[str, Any], conn: Any, stop_event: Any) -> None:
     finally:
         if exporter is not None:
             exporter.close()
-        conn.close()
+        channel.close()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -128,3 +137,10 @@ def _models(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
         )
         for key, m in data.items()
     }
+
+
+if __name__ == "__main__":
+    main()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown (a second or more with torch loaded): all is sent.
+    os._exit(0)

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
+import os
+import select as io_select
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -35,7 +38,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.errors import InvalidSpec, JobTimeout, OutOfMemory
+from core.distill import cage
+from core.distill.cage import Isolation
+from core.errors import InvalidSpec, JobTimeout, OutOfDisk, OutOfMemory, UnsafeModelFile
 from core.jobs import (
     TERMINAL_STATUSES,
     NewArtifact,
@@ -48,6 +53,7 @@ from core.jobs import (
 from core.logging import bind_log_context
 from core.models import Dataset, Job, Model
 from core.spec import JobSpec
+from core.storage import Storage
 from worker.checkpoints import (
     delete_checkpoints,
     download,
@@ -71,6 +77,8 @@ STOP_GRACE_SECONDS = 1.5  # after asking the child to stop, before SIGTERM
 KILL_GRACE_SECONDS = 1.0  # after SIGTERM, before SIGKILL
 EXIT_GRACE_SECONDS = 10.0  # after the child closed its pipe, before SIGKILL
 TIMEOUT_SLACK_SECONDS = 5.0  # the engine enforces max_minutes itself; this is the backstop
+MAX_MESSAGE_BYTES = 32 * 2**20  # one message of the job process (its outcome is the largest)
+_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `worker` package
 
 
 def artifact_key(job_id: str, attempt: int, name: str) -> str:
@@ -83,7 +91,7 @@ class _Watch:
 
     outcome: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    stop_reason: str | None = None  # cancel | timeout | lost | memory
+    stop_reason: str | None = None  # cancel | timeout | lost | memory | disk
     stop_asked_at: float | None = None
     terminated_at: float | None = None
     last_rss: int = 0
@@ -99,7 +107,7 @@ def run_claimed_job(
     *,
     settings: Settings,
     session_factory: sessionmaker[Session],
-    storage: Any | None = None,
+    storage: Storage | None = None,
     engine: str = ENGINE,
 ) -> str:
     """Run a job this worker has claimed; record how it ended; return the final status.
@@ -118,15 +126,13 @@ def run_claimed_job(
             job = session.get(Job, job_id)
             if job is None:
                 raise InvalidSpec(f"job {job_id} does not exist", field="job_id")
-            payload = _prepare(session, job, storage, work, engine)
+            payload = _prepare(session, job, storage, work, engine, settings.isolation)
             attempt = job.attempt
         if settings.tensorboard_dir is not None:
             payload["tensorboard_dir"] = str((settings.tensorboard_dir / job_id).resolve())
         restore_checkpoints(storage, job_id, Path(payload["work_dir"]))
         watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
-        return _settle(
-            job_id, owner, attempt, watch, payload, session_factory, storage, settings.job_memory_mb
-        )
+        return _settle(job_id, owner, attempt, watch, payload, session_factory, storage, settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with session_factory() as session:
@@ -135,7 +141,7 @@ def run_claimed_job(
             delete_checkpoints(storage, job_id)
 
 
-def open_storage(settings: Settings) -> Any:
+def open_storage(settings: Settings) -> Storage:
     """The blob store named by the settings."""
     from core.storage import get_storage
 
@@ -145,7 +151,9 @@ def open_storage(settings: Settings) -> Any:
 # --- inputs ----------------------------------------------------------------------------------
 
 
-def _prepare(session: Session, job: Job, storage: Any, work: Path, engine: str) -> dict[str, Any]:
+def _prepare(
+    session: Session, job: Job, storage: Storage, work: Path, engine: str, isolation: Isolation
+) -> dict[str, Any]:
     """Download the job's models and dataset; the child's payload."""
     bind_log_context(tenant=job.tenant_id)
     spec = JobSpec.model_validate(job.spec)
@@ -165,6 +173,9 @@ def _prepare(session: Session, job: Job, storage: Any, work: Path, engine: str) 
             )
         path = inputs / f"{model.id}{MODEL_SUFFIX.get(model.format, '')}"
         download(storage, model.storage_key, path)
+        refusal = isolation.refuse_program(model.format)
+        if refusal is not None:
+            raise UnsafeModelFile(refusal, details={"model_id": model.id})
         models[model_id] = {
             "path": str(path),
             "format": model.format,
@@ -188,8 +199,11 @@ def _prepare(session: Session, job: Job, storage: Any, work: Path, engine: str) 
         "models": models,
         "dataset": str(data_path),
         "dataset_options": dict(dataset.options or {}),
-        "out_dir": str(work / f"out-{job.attempt}"),
+        # The engine stages its artifacts beside out_dir: the whole of output/ is the job's.
+        "out_dir": str(work / "output" / f"out-{job.attempt}"),
         "work_dir": str(work / "checkpoints"),
+        "scratch": str(work / "scratch"),
+        "caged": isolation.caged,
         "max_seconds": spec.training.max_minutes * 60,
     }
 
@@ -203,18 +217,10 @@ def _supervise(
     payload: dict[str, Any],
     settings: Settings,
     session_factory: sessionmaker[Session],
-    storage: Any,
+    storage: Storage,
 ) -> _Watch:
-    from worker.child import main as child_main
-
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    stop_event = ctx.Event()
-    proc = ctx.Process(
-        target=child_main, args=(payload, writer, stop_event), name=f"distill-{job_id}"
-    )
-    proc.start()
-    writer.close()  # only the child writes; our copy would hide its end of file
+    proc = _start_child(payload, settings.isolation)
+    channel = _MessageChannel(proc)
     watch = _Watch()
     work_dir = Path(payload["work_dir"])
     started = time.monotonic()
@@ -225,17 +231,19 @@ def _supervise(
         while True:
             if not eof:
                 try:
-                    if reader.poll(0.1):
-                        _handle(
-                            json.loads(reader.recv_bytes()), job_id, owner, watch, session_factory
-                        )
-                except (EOFError, OSError):
+                    for message in channel.receive(0.1):
+                        _handle(message, job_id, owner, watch, session_factory)
+                except EOFError:
                     eof, eof_at = True, time.monotonic()
+                except ChildMessageError as exc:
+                    watch.error = {"code": "internal", "message": str(exc)}
+                    proc.kill()
             else:
-                proc.join(0.1)
-                if proc.is_alive() and time.monotonic() - eof_at > EXIT_GRACE_SECONDS:
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(0.1)
+                if proc.poll() is None and time.monotonic() - eof_at > EXIT_GRACE_SECONDS:
                     proc.kill()  # it said all it had to say but does not exit
-            if eof and not proc.is_alive():
+            if eof and proc.poll() is not None:
                 break
             now = time.monotonic()
             if watch.stop_reason is None:
@@ -257,7 +265,7 @@ def _supervise(
                     watch.stop_reason = "timeout"
                 if watch.stop_reason is not None:
                     log.info("stopping %s: %s", job_id, watch.stop_reason)
-                    stop_event.set()
+                    _ask_to_stop(proc)
                     watch.stop_asked_at = now
             else:
                 _escalate(proc, watch, now)
@@ -267,19 +275,127 @@ def _supervise(
             if now >= next_scan and watch.stop_reason is None:
                 next_scan = now + CHECKPOINT_SCAN_SECONDS
                 sync_checkpoints(storage, job_id, work_dir, watch.checkpoints)
+                if _over_disk(payload, settings):
+                    watch.stop_reason = "disk"
+                    proc.kill()
         _flush_progress(job_id, owner, watch, session_factory)
     finally:
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
-            proc.join(5)
-        reader.close()
-    watch.exitcode = proc.exitcode
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        channel.close()
+    returncode = proc.poll()
+    if returncode is not None and payload.get("caged"):
+        returncode = cage.exit_status(returncode)
+    watch.exitcode = returncode
     return watch
 
 
-def _escalate(proc: Any, watch: _Watch, now: float) -> None:
+def _start_child(payload: dict[str, Any], isolation: Isolation) -> subprocess.Popen[bytes]:
+    """Start the job process, caged when the worker has a cage, and hand it its payload."""
+    argv = [sys.executable, "-m", "worker.child"]
+    env: dict[str, str] | None = None
+    scratch = Path(payload["scratch"])
+    scratch.mkdir(parents=True, exist_ok=True)
+    if isolation.caged:
+        writable = [Path(payload["work_dir"]), Path(payload["out_dir"]).parent]
+        if payload.get("tensorboard_dir"):
+            writable.append(Path(payload["tensorboard_dir"]))
+        for folder in [*writable, scratch]:
+            folder.mkdir(parents=True, exist_ok=True)
+            cage.share_writable(folder)
+        inputs = Path(payload["dataset"]).parent
+        for path in inputs.iterdir():
+            cage.share_read_only(path)
+        engine_package = str(payload["engine"]).partition(":")[0].split(".")[0]
+        argv = cage.command(
+            argv,
+            scratch=scratch,
+            read_only=[inputs],
+            writable=writable,
+            code_packages=tuple(dict.fromkeys((*cage.PROJECT_PACKAGES, engine_package))),
+        )
+    else:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=scratch,
+        start_new_session=True,  # a signal to the worker's group does not reach the job
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(payload).encode() + b"\n")
+    proc.stdin.flush()
+    return proc
+
+
+def _ask_to_stop(proc: subprocess.Popen[bytes]) -> None:
+    with suppress(OSError, ValueError):
+        assert proc.stdin is not None
+        proc.stdin.write(b"stop\n")
+        proc.stdin.flush()
+
+
+class ChildMessageError(Exception):
+    """The job process sent something that is not a message."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _MessageChannel:
+    """The job process's messages: JSON objects, one a line, each at most MAX_MESSAGE_BYTES."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self._fd = proc.stdout.fileno()
+        self._proc = proc
+        self._buffer = b""
+
+    def receive(self, timeout: float) -> list[dict[str, Any]]:
+        """The complete messages that arrived within ``timeout``; EOFError once it is closed."""
+        ready, _, _ = io_select.select([self._fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self._fd, 1 << 20)
+        if not chunk:
+            raise EOFError
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_MESSAGE_BYTES:
+            raise ChildMessageError(
+                f"the job process sent a message of more than {MAX_MESSAGE_BYTES} bytes"
+            )
+        messages = []
+        for line in lines:
+            if b"\\u0000" in line:  # the database's JSON types refuse NUL characters
+                raise ChildMessageError("the job process sent a NUL character")
+            try:
+                message = json.loads(line, parse_constant=_refuse_constant)
+            except ValueError:
+                raise ChildMessageError(
+                    "the job process sent a line that is not JSON (or holds NaN or Infinity)"
+                ) from None
+            if not isinstance(message, dict):
+                raise ChildMessageError("the job process sent a message that is not an object")
+            messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            with suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
+
+
+def _escalate(proc: subprocess.Popen[bytes], watch: _Watch, now: float) -> None:
     """After a stop request: SIGTERM once the grace period is over, then SIGKILL."""
-    if not proc.is_alive() or watch.stop_asked_at is None:
+    if proc.poll() is not None or watch.stop_asked_at is None:
         return
     if watch.terminated_at is None and now - watch.stop_asked_at >= STOP_GRACE_SECONDS:
         proc.terminate()
@@ -362,6 +478,21 @@ def _sample_memory(pid: int | None, watch: _Watch) -> None:
         watch.last_available = psutil.virtual_memory().available
 
 
+def _written_bytes(payload: dict[str, Any]) -> int:
+    folders = [payload["work_dir"], str(Path(payload["out_dir"]).parent), payload["scratch"]]
+    folders += [payload["tensorboard_dir"]] if payload.get("tensorboard_dir") else []
+    total = 0
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            with suppress(OSError):
+                total += path.lstat().st_size
+    return total
+
+
+def _over_disk(payload: dict[str, Any], settings: Settings) -> bool:
+    return _written_bytes(payload) > settings.job_disk_mb * 2**20
+
+
 def _over_memory(watch: _Watch, settings: Settings) -> bool:
     limit = settings.job_memory_mb
     return limit is not None and watch.last_rss > limit * 2**20
@@ -401,10 +532,11 @@ def _settle(
     watch: _Watch,
     payload: dict[str, Any],
     session_factory: sessionmaker[Session],
-    storage: Any,
-    job_memory_mb: int | None = None,
+    storage: Storage,
+    settings: Settings,
 ) -> str:
     exitcode = watch.exitcode
+    job_memory_mb = settings.job_memory_mb
     with session_factory() as session:
         if watch.stop_reason == "lost":
             return "lost"
@@ -422,6 +554,12 @@ def _settle(
                 f"the job process used {watch.last_rss / 2**20:.0f} MiB, over this worker's "
                 f"limit of {job_memory_mb} MiB (DISTILL_JOB_MEMORY_MB), and was stopped; use a "
                 "smaller batch_size or student, or a worker with more memory"
+            ).to_dict()
+            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+        if watch.stop_reason == "disk":
+            error = OutOfDisk(
+                f"the job wrote more than this worker's limit of {settings.job_disk_mb} MiB "
+                "(DISTILL_JOB_DISK_MB) and was stopped; use a smaller student or fewer exports"
             ).to_dict()
             return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
         if watch.outcome is not None and exitcode == 0:
@@ -463,7 +601,7 @@ def _succeed(
     attempt: int,
     outcome: dict[str, Any],
     payload: dict[str, Any],
-    storage: Any,
+    storage: Storage,
 ) -> str:
     out_dir = Path(payload["out_dir"]).resolve()
     uploaded: list[NewArtifact] = []
@@ -495,7 +633,7 @@ def _succeed(
     return "lost"
 
 
-def _delete_blobs(storage: Any, artifacts: list[NewArtifact]) -> None:
+def _delete_blobs(storage: Storage, artifacts: list[NewArtifact]) -> None:
     for item in artifacts:
         with suppress(Exception):
             storage.delete(item.storage_key)

@@ -148,6 +148,7 @@ def _inspect(storage: Storage, upload: Upload, options: dict[str, Any], settings
             options["input_shape"],
             timeout_s=settings.inspect_timeout_seconds,
             memory_mb=settings.inspect_memory_mb,
+            isolation=settings.isolation,
         )
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core.distill.cage import Isolation, isolation
 from core.distill.sandbox import keep_warm, run_sandboxed
-from core.errors import DatasetInvalid, DistillError, ModelInvalid
+from core.errors import DatasetInvalid, DistillError, ModelInvalid, UnsafeModelFile
 from core.spec import DatasetInfo, ModelInfo
 
 # What opening a model or a dataset imports: a spare sandbox child imports them ahead of need.
@@ -36,9 +37,9 @@ class DatasetInspection(BaseModel):
     info: DatasetInfo
 
 
-def keep_inspection_warm() -> None:
+def keep_inspection_warm(isolation: Isolation | None = None) -> None:
     """Keep a sandbox child ready with torch imported, so an upload pays only for its own file."""
-    keep_warm(INSPECTION_MODULES)
+    keep_warm(INSPECTION_MODULES, isolation)
 
 
 def inspect_model_file(
@@ -50,24 +51,29 @@ def inspect_model_file(
     *,
     timeout_s: float = 60,
     memory_mb: int = 4096,
+    isolation: Isolation | None = None,
 ) -> ModelInspection:
     """Detect, open and dry-run a model file in the sandbox.
 
     ``input_shape`` is one sample's shape (no batch dimension; a leading ``None`` is dropped);
-    it lets a TorchScript file, which does not declare its input, be probed.
+    it lets a TorchScript file, which does not declare its input, be probed. Formats that are
+    programs are refused when ``isolation`` has no cage for them.
     """
+    isolation = isolation or _default_isolation()
     result = run_sandboxed(
         "core.distill.inspect:model_in_child",
         {
-            "path": str(Path(path).resolve()),
             "format": format,
             "arch": arch,
             "arch_config": arch_config,
             "input_shape": input_shape,
+            "refusal": None if isolation.programs_allowed else isolation.reason,
         },
+        files={"path": Path(path)},
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         error_class=ModelInvalid,
+        isolation=isolation,
     )
     return ModelInspection.model_validate(result)
 
@@ -79,16 +85,23 @@ def inspect_dataset_file(
     *,
     timeout_s: float = 120,
     memory_mb: int = 4096,
+    isolation: Isolation | None = None,
 ) -> DatasetInspection:
     """Read a dataset file in the sandbox; ``filename`` (the upload's name) gives the format."""
     result = run_sandboxed(
         "core.distill.inspect:dataset_in_child",
-        {"path": str(Path(path).resolve()), "filename": filename, "options": options or {}},
+        {"filename": filename, "options": options or {}},
+        files={"path": Path(path)},
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         error_class=DatasetInvalid,
+        isolation=isolation or _default_isolation(),
     )
     return DatasetInspection.model_validate(result)
+
+
+def _default_isolation() -> Isolation:
+    return isolation()
 
 
 # --- run inside the sandbox --------------------------------------------------------------------
@@ -106,8 +119,9 @@ def model_in_child(
     arch: str | None,
     arch_config: dict[str, Any] | None,
     input_shape: list[int | None] | None,
+    refusal: str | None = None,
 ) -> dict[str, Any]:
-    """Sandbox side of :func:`inspect_model_file`."""
+    """Sandbox side of :func:`inspect_model_file`; ``refusal`` set: no cage for programs."""
     import torch
 
     from core.distill.formats import detect_format
@@ -117,6 +131,9 @@ def model_in_child(
     torch.set_num_threads(1)
     try:
         fmt = detect_format(Path(path), format)
+        refused = Isolation(caged=False, programs_allowed=False, reason=refusal).refuse_program(fmt)
+        if refusal is not None and refused is not None:
+            raise UnsafeModelFile(refused)
         teacher: Any = load_teacher(
             ModelFile(Path(path), fmt, arch, arch_config), "cpu", input_shape=input_shape
         )

@@ -1,12 +1,17 @@
-"""Run one function on untrusted input in a fresh, limited child process.
+"""Run one function on untrusted input in a fresh, limited, caged child process.
 
 :func:`run_sandboxed` hands the call to ``python -m core.distill.sandbox`` (a new interpreter,
-never a fork of the caller, used for this one call), which limits its address space
-(``RLIMIT_AS``) and CPU time before it touches the input; the caller waits at most ``timeout_s``
-of wall time. :func:`keep_warm` keeps one such child started, its imports done, ahead of need.
-Arguments go in and results come back as JSON, so nothing the child produces is unpickled by
-the caller. A :class:`~core.errors.DistillError` raised in the child is
-raised again in the caller as the same class (matched by ``code``).
+never a fork of the caller, used for this one call) inside the cage of :mod:`core.distill.cage`:
+no network, an unprivileged uid, no view of the caller's files but the call's own inputs. The
+child limits its address space (``RLIMIT_AS``) and CPU time before it touches the input; the
+caller waits at most ``timeout_s`` of wall time. :func:`keep_warm` keeps one such child started,
+its imports done, ahead of need.
+
+Each child has a folder of its own: ``in/`` (read-only inside the cage), where the caller places
+the call's input files just before the call, and ``out/`` (writable, the child's working
+directory), where the child writes its answer. Arguments go in and results come back as JSON,
+so nothing the child produces is unpickled by the caller. A :class:`~core.errors.DistillError`
+raised in the child is raised again in the caller as the same class (matched by ``code``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.distill import cage
+from core.distill.cage import Isolation
 from core.errors import DistillError, InvalidSpec, ModelInvalid
 
 _ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `core` package
@@ -38,22 +46,31 @@ def run_sandboxed(
     func_path: str,
     args: dict[str, Any],
     *,
+    files: dict[str, Path] | None = None,
     timeout_s: float,
     memory_mb: int,
     error_class: type[DistillError] = ModelInvalid,
+    isolation: Isolation | None = None,
 ) -> Any:
     """Call ``module:function(**args)`` in a limited child process and return its JSON result.
 
-    Exceeding ``timeout_s`` or ``memory_mb`` raises ``error_class`` (ModelInvalid by default)
-    saying which limit was hit. The child is a spare started ahead of time when
-    :func:`keep_warm` was called, otherwise a new one; either way it serves this call alone.
+    ``files`` maps argument names to input files: each is placed in the child's read-only
+    ``in/`` folder and the argument is set to its path there. Exceeding ``timeout_s`` or
+    ``memory_mb`` raises ``error_class`` (ModelInvalid by default) saying which limit was hit.
+    The child is a spare started ahead of time when :func:`keep_warm` was called, otherwise a
+    new one; either way it serves this call alone. ``isolation`` defaults to
+    :func:`cage.isolation` of the default policy (caged whenever a cage can be built).
     """
-    child = _take_child()
+    isolation = isolation or cage.isolation()
+    child = _take_child(isolation, _top_package(func_path))
     try:
+        call_args = dict(args)
+        for name, path in (files or {}).items():
+            call_args[name] = str(_place_input(Path(path), child.inbox))
         request = json.dumps(
             {
                 "func": func_path,
-                "args": args,
+                "args": call_args,
                 "result_path": str(child.result_path),
                 "memory_mb": int(memory_mb),
                 "cpu_s": math.ceil(timeout_s) + 1,
@@ -73,7 +90,10 @@ def run_sandboxed(
     finally:
         child.workdir.cleanup()
     if payload is None:
-        return _no_result(child.proc.returncode, stderr, timeout_s, memory_mb, error_class)
+        returncode = child.proc.returncode
+        if returncode is not None and child.isolation.caged:
+            returncode = cage.exit_status(returncode)
+        return _no_result(returncode, stderr, timeout_s, memory_mb, error_class)
     if payload.get("ok"):
         return payload.get("result")
     if payload.get("memory"):
@@ -88,28 +108,35 @@ def run_sandboxed(
 class _Child:
     proc: subprocess.Popen[bytes]
     workdir: tempfile.TemporaryDirectory[str]
+    isolation: Isolation
+    package: str
+
+    @property
+    def inbox(self) -> Path:
+        return Path(self.workdir.name) / "in"
 
     @property
     def result_path(self) -> Path:
-        return Path(self.workdir.name) / "result.json"
+        return Path(self.workdir.name) / "out" / "result.json"
 
 
 _lock = threading.Lock()
 _spare: _Child | None = None
 _warm_modules: tuple[str, ...] | None = None  # None: no spare is kept
+_warm_isolation: Isolation | None = None
 
 
-def keep_warm(modules: tuple[str, ...]) -> None:
+def keep_warm(modules: tuple[str, ...], isolation: Isolation | None = None) -> None:
     """From now on keep one spare child that has already imported ``modules``.
 
     Starting an interpreter and importing torch takes seconds; a spare makes a call pay only for
     its own work. Each child still serves one call and is then killed.
     """
-    global _warm_modules, _spare
+    global _warm_modules, _warm_isolation, _spare
     with _lock:
-        _warm_modules = modules
+        _warm_modules, _warm_isolation = modules, isolation or cage.isolation()
         if _spare is None or _spare.proc.poll() is not None:
-            _spare = _spawn(modules)
+            _spare = _spawn(modules, _warm_isolation, "core")
 
 
 def stop_warm() -> None:
@@ -122,39 +149,73 @@ def stop_warm() -> None:
         spare.workdir.cleanup()
 
 
-def _take_child() -> _Child:
+def _take_child(isolation: Isolation, package: str) -> _Child:
     global _spare
     with _lock:
         child, _spare = _spare, None
-        if child is not None and child.proc.poll() is not None:  # it died while waiting
+        usable = (
+            child is not None
+            and child.proc.poll() is None
+            and (child.isolation, child.package) == (isolation, package)
+        )
+        if child is not None and not usable:  # it died while waiting, or it is the wrong kind
+            _kill(child.proc)
             child.workdir.cleanup()
             child = None
         if child is None:
-            child = _spawn(_warm_modules or ())
-        if _warm_modules is not None:
-            _spare = _spawn(_warm_modules)
+            child = _spawn(_warm_modules or (), isolation, package)
+        if _warm_modules is not None and _warm_isolation is not None:
+            _spare = _spawn(_warm_modules, _warm_isolation, "core")
     return child
 
 
-def _spawn(modules: tuple[str, ...]) -> _Child:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        OPENBLAS_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p),
-    )
+def _top_package(func_path: str) -> str:
+    return func_path.partition(":")[0].split(".")[0]
+
+
+def _spawn(modules: tuple[str, ...], isolation: Isolation, package: str) -> _Child:
     workdir = tempfile.TemporaryDirectory(prefix="distill-sandbox-")
+    inbox, out = Path(workdir.name) / "in", Path(workdir.name) / "out"
+    inbox.mkdir()
+    out.mkdir()
+    argv = [sys.executable, "-m", "core.distill.sandbox", ",".join(modules)]
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    if isolation.caged:
+        cage.share_writable(out)
+        packages = tuple(dict.fromkeys((*cage.PROJECT_PACKAGES, package)))
+        argv = cage.command(
+            argv, scratch=out, read_only=[inbox], env=threads, code_packages=packages
+        )
+        env = None
+    else:
+        env = dict(os.environ)
+        env.update(threads)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.distill.sandbox", ",".join(modules)],
+        argv,
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        cwd=workdir.name,
+        cwd=out,
         env=env,
         start_new_session=True,  # its own process group, so a kill reaches its children
     )
-    return _Child(proc, workdir)
+    return _Child(proc, workdir, isolation, package)
+
+
+def _place_input(path: Path, inbox: Path) -> Path:
+    """Put an input file in the child's read-only folder: a hard link when the cage may read
+    the file as it is, else a copy it may read."""
+    target = inbox / f"{len(list(inbox.iterdir()))}-{path.name}"
+    readable = os.getuid() != 0 or path.stat().st_mode & 0o004
+    try:
+        if not readable:
+            raise OSError("a copy is needed")
+        os.link(path, target)
+    except OSError:
+        shutil.copyfile(path, target)
+        cage.share_read_only(target)
+    return target
 
 
 atexit.register(stop_warm)

@@ -185,7 +185,8 @@ class Stack:
 
 
 def job_children(worker: Proc) -> list[psutil.Process]:
-    """The spawned job processes of a worker (not multiprocessing's resource tracker)."""
+    """The job processes of a worker: the interpreters running ``python -m worker.child`` (inside
+    their cage, not the bubblewrap processes around them)."""
     try:
         children = psutil.Process(worker.popen.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -193,7 +194,7 @@ def job_children(worker: Proc) -> list[psutil.Process]:
     found = []
     for child in children:
         try:
-            if "spawn_main" in " ".join(child.cmdline()):
+            if child.cmdline()[1:3] == ["-m", "worker.child"]:
                 found.append(child)
         except psutil.Error:
             continue
