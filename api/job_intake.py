@@ -21,9 +21,10 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+from psycopg import DataError as PgDataError
 from psycopg import IntegrityError as PgIntegrityError
 from sqlalchemy import Connection, Engine, Row, delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from api import dbapi_intake, pg_intake
 from api.schemas import JobPublic
@@ -49,6 +50,9 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 # A key taken twice: raised by SQLAlchemy, or by the driver itself where the intake sends its
 # statements around SQLAlchemy (api/pg_intake.py, api/dbapi_intake.py).
 INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError, sqlite3.IntegrityError)
+# A value the database refuses to store (PostgreSQL's class 22, "data exception"): the fault of
+# one request's spec, never of the others committed with it.
+DATA_ERRORS = (DataError, PgDataError, sqlite3.DataError)
 
 JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
 KEYS, EVENTS = IdempotencyKey.__table__, JobEvent.__table__
@@ -147,6 +151,19 @@ def take_in(
     """
     try:
         return _take_in(conn, requests, settings)
+    except DATA_ERRORS as exc:
+        _rollback(conn)
+        if len(requests) > 1:
+            # One request's value fails the batch's statement: each on its own, so that only
+            # that request fails.
+            return [_alone(conn, request, settings) for request in requests]
+        return [
+            InvalidSpec(
+                "the database refused a value of this spec; check its text and numbers "
+                f"({_first_line(exc)})",
+                field="",
+            )
+        ]
     except INTEGRITY_ERRORS as exc:
         _rollback(conn)
         if len(requests) > 1:
@@ -164,6 +181,12 @@ def take_in(
         # (the foreign keys refused the job). Looked up again, it is missing, and the
         # request gets the error that names it.
         return take_in(conn, requests, settings, retry=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own words, without SQLAlchemy's statement and parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0][:200] if str(orig).strip() else type(orig).__name__
 
 
 def _alone(conn: Connection, request: JobRequest, settings: Settings) -> Outcome:

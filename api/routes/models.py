@@ -22,8 +22,10 @@ from api.errors import InvalidRequest
 from api.schemas import Deleted, ModelList, ModelPublic, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
+from core.errors import InvalidSpec
 from core.jobs import delete_upload
 from core.models import Model, new_id
+from core.spec import check_values
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401))
@@ -100,8 +102,13 @@ def _parse_arch(text: str) -> tuple[str | None, dict[str, Any] | None]:
         return text, None
     try:
         value = json.loads(text)
+        check_values(value)  # NaN or Infinity in a config: nothing to build, nothing to store
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"arch is not valid JSON ({exc.msg})", field="arch") from None
+    except RecursionError:
+        raise InvalidRequest("arch is nested too deeply to be a config", field="arch") from None
+    except InvalidSpec as exc:
+        raise InvalidRequest(f"arch: {exc.message}", field="arch") from None
     if (
         not isinstance(value, dict)
         or not isinstance(value.get("name"), str)
@@ -120,7 +127,7 @@ def _parse_input_shape(text: str) -> list[int | None] | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     dims = value[1:] if isinstance(value, list) and value and value[0] is None else value
     if (
