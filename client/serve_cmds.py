@@ -37,6 +37,8 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a job worker (Celery) configured by DISTILL_* settings."""
+    # The default per-job memory limit shares the machine between the concurrent jobs.
+    os.environ.setdefault("DISTILL_WORKER_CONCURRENCY", str(concurrency))
     from worker.celery_app import celery_app, worker_argv
 
     celery_app.worker_main(worker_argv(_queues(queues), concurrency, loglevel))

@@ -19,10 +19,11 @@ from api.deps import (
     page,
 )
 from api.errors import InvalidRequest
+from api.quotas import upload_limit
 from api.schemas import Deleted, ModelList, ModelPublic, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
-from core.errors import InvalidSpec
+from core.errors import InvalidSpec, PayloadTooLarge
 from core.jobs import delete_upload
 from core.models import Model, new_id
 from core.spec import check_values
@@ -174,9 +175,13 @@ async def upload_model(
 ) -> Model:
     """Upload a model file (multipart field `file`); it is opened in a sandbox and described."""
     model_id = new_id("mdl")
-    upload = await receive_upload(
-        request, storage, f"models/{tenant.id}/{model_id}", max_bytes=settings.max_upload_bytes
-    )
+    limit = await run_in_threadpool(upload_limit, session, tenant.id, settings)
+    try:
+        upload = await receive_upload(
+            request, storage, f"models/{tenant.id}/{model_id}", max_bytes=limit.max_bytes
+        )
+    except PayloadTooLarge as exc:
+        raise limit.refusal(exc) from None
     try:
         options = parse_model_fields(upload.fields, upload.filename)
         inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)

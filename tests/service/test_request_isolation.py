@@ -8,7 +8,6 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,15 +15,11 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
-from sqlalchemy import func, select
 
 from api.uploads import MAX_FORM_BYTES, MAX_FORM_FIELDS
-from core.auth import create_key
-from core.db import session_scope
-from core.models import Job
 from tests.conftest import POSTGRES_URL, require_service
-from tests.service.api_support import insert_dataset, insert_model
-from tests.service.helpers import Proc, fresh_postgres, migrate, service_env, start_api
+from tests.service.helpers import fresh_postgres, migrate
+from tests.service.real_api import Service, open_database, start_service
 
 pytestmark = pytest.mark.service
 
@@ -39,74 +34,17 @@ POISONS: dict[str, tuple[str, str]] = {
 }
 
 
-@dataclass
-class Caller:
-    tenant_id: str
-    key: str
-    teacher: str
-    dataset: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
-
-    def body(self, extra: str = "") -> bytes:
-        head = f'{{"teacher": {{"model_id": "{self.teacher}"}}, "dataset_id": "{self.dataset}"'
-        return (head + (f", {extra}" if extra else "") + "}").encode()
-
-
-@dataclass
-class Service:
-    proc: Proc
-    base: str
-    url: str
-    a: Caller
-    b: Caller
-
-    def jobs(self, caller: Caller) -> int:
-        with session_scope(self.url) as s:
-            query = select(func.count()).select_from(Job).where(Job.tenant_id == caller.tenant_id)
-            return s.scalar(query)
-
-
-def _caller(url: str, name: str) -> Caller:
-    with session_scope(url) as s:
-        row, key = create_key(s, name)
-        s.flush()
-        teacher = insert_model(s, row.tenant_id).id
-        dataset = insert_dataset(s, row.tenant_id).id
-        return Caller(row.tenant_id, key, teacher, dataset)
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    if request.param == "postgres":
-        require_service("PostgreSQL", "127.0.0.1", 5432)
-        with fresh_postgres(POSTGRES_URL) as url:
-            migrate(url)
-            yield url
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('iso') / 'distill.db'}"
-        migrate(url)
+    with open_database(request.param, tmp_path_factory.mktemp("db")) as url:
         yield url
-
-
-def _start(url: str, tmp: Path, factory: str = "api.main:create_app") -> Service:
-    env = service_env(
-        database_url=url,
-        data_dir=str(tmp / "data"),
-        broker_url=f"sqla+sqlite:///{tmp / 'broker.db'}",
-        warm_sandbox="false",
-    )
-    proc, base = start_api(env, tmp, factory=factory)
-    return Service(proc, base, url, _caller(url, "tenant-a"), _caller(url, "tenant-b"))
 
 
 @pytest.fixture(scope="module")
 def service(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = _start(database, tmp_path_factory.mktemp("api"))
+    service = start_service(database, tmp_path_factory.mktemp("api"))
     try:
         yield service
     finally:
@@ -169,7 +107,9 @@ def unchecked(tmp_path: Path) -> Iterator[Service]:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     with fresh_postgres(POSTGRES_URL) as url:
         migrate(url)
-        service = _start(url, tmp_path, factory="tests.service.unchecked_app:create_unchecked_app")
+        service = start_service(
+            url, tmp_path, factory="tests.service.unchecked_app:create_unchecked_app"
+        )
         try:
             yield service
         finally:
