@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
@@ -114,6 +115,34 @@ def default_job_memory_mb(concurrency: int) -> int:
     """80% of this machine's memory shared by ``concurrency`` jobs (the rest: the worker, the
     OS), at least 256 MiB."""
     return max(256, int(machine_memory_bytes() * 0.8 / concurrency / 2**20))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address the API binds to."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whoever resolves it can reach it
+
+
+def public_auth_warning(settings: Settings, host: str) -> str | None:
+    """Refuse (ValueError) to serve without auth on an address other machines can reach, unless
+    the operator allowed it; the warning to print loudly when allowed, else None."""
+    if settings.auth == "on" or is_loopback(host):
+        return None
+    if not settings.allow_unauthenticated_public:
+        raise ValueError(
+            f"refusing to serve with DISTILL_AUTH=off on {host}, which other machines can reach: "
+            "anyone there could use and read every tenant's models, data and jobs. Bind to "
+            "127.0.0.1, or turn auth on (create keys with `distill keys create --tenant NAME`), "
+            "or set DISTILL_ALLOW_UNAUTHENTICATED_PUBLIC=1 if a gateway in front authenticates"
+        )
+    return (
+        f"WARNING: auth is off on {host} (DISTILL_ALLOW_UNAUTHENTICATED_PUBLIC=1): anyone who can "
+        "reach this address can use and read every tenant's models, data and jobs"
+    )
 
 
 def get_settings() -> Settings:
