@@ -42,7 +42,7 @@ class StudentSize:
 
 
 def estimate_job(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> Estimate:
-    """The estimate for a completed spec (defaults filled in)."""
+    """The estimate for a completed spec (``complete_spec``: defaults filled in)."""
     sample = list(dataset.x_shape[1:])
     tokens = dataset.x_dtype.startswith(("int", "uint"))
     outputs = _output_dim(teachers, dataset)
@@ -51,7 +51,9 @@ def estimate_job(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo)
     if not dataset.n_val:  # as complete_spec: a fraction held out for validation
         n_train = int(n_train * (1 - spec.training.val_fraction))
     steps_per_epoch = math.ceil(max(n_train, 1) / batch)
-    sizes = [_student(stage.student, sample, tokens, outputs) for stage in spec.chain()]
+    # A completed spec has its students filled in (chain() would validate them again).
+    students = [stage.student for stage in spec.stages] if spec.stages else [spec.student]
+    sizes = [_student(s or StudentSpec(), sample, tokens, outputs) for s in students]
     runs = len(sizes) + (1 if spec.training.baseline and dataset.has_labels else 0)
     memory = max(
         s.parameters * BYTES_PER_PARAMETER + batch * s.activations * BYTES_PER_ACTIVATION
