@@ -167,6 +167,32 @@ def test_deeply_nested_json_is_422_on_every_path(service: Service) -> None:
     assert "RecursionError" not in service.proc.output()
 
 
+def test_nul_and_non_finite_values_in_upload_forms_are_422(service: Service) -> None:
+    """What PostgreSQL would refuse to store is refused at the form, naming the field."""
+    auth = {"Authorization": service.a.headers["Authorization"]}
+    cases = [
+        ("/v1/models", {"name": "a\x00b"}, "m.pt2", "name"),
+        ("/v1/models", {"arch": '{"name": "mlp", "config": {"width": NaN}}'}, "m.st", "arch"),
+        ("/v1/datasets", {"label_column": "y\x00"}, "d.csv", "label_column"),
+    ]
+    # A file name with a NUL byte, as a client that does not percent-encode it would send it.
+    raw = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="d\x00.csv"\r\n\r\n'
+        b"x,y\r\n--b--\r\n"
+    )
+    with httpx.Client(base_url=service.base, timeout=60) as http:
+        answers = [
+            (field, http.post(route, files={"file": (name, b"x" * 64)}, data=data, headers=auth))
+            for route, data, name, field in cases
+        ]
+        type_ = {"Content-Type": "multipart/form-data; boundary=b"}
+        answers.append(("file", http.post("/v1/datasets", content=raw, headers={**auth, **type_})))
+    for field, r in answers:
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["error"]["details"].get("field") == field, r.text
+    assert "Traceback" not in service.proc.output()
+
+
 # --- event cursors -----------------------------------------------------------------------------
 
 
