@@ -224,12 +224,12 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
         request = requests[i]
         try:
             completed, model_ids = resolve_spec(uploads, request.tenant, spec, settings)
-            if active.get(request.tenant.id, 0) >= limit:
+            if (running := active.get(request.tenant.id, 0)) >= limit:
                 raise QuotaExceeded(
-                    f"this tenant has {limit} queued or running jobs, as many as it may; submit "
-                    "again when one has finished (or cancel one)",
+                    f"this tenant has {running} queued or running jobs and may have at most "
+                    f"{limit}; submit again when one has finished (or cancel one)",
                     retry_after=RETRY_AFTER_SECONDS,
-                    details={"limit": limit, "active": active[request.tenant.id]},
+                    details={"limit": limit, "active": running},
                 )
         except ClientError as exc:
             outcomes[i] = exc
