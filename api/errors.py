@@ -109,7 +109,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(
             422,
             "invalid_request",
-            "the request body could not be parsed; send UTF-8 JSON",
+            "the request body could not be parsed; send UTF-8 JSON (nested at most a few hundred "
+            "levels deep)",
             {"field": ""},
         )
     return error_response(exc.status_code, code, message, headers=exc.headers)

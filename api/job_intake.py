@@ -21,16 +21,19 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+from psycopg import DataError as PgDataError
 from psycopg import IntegrityError as PgIntegrityError
-from sqlalchemy import Connection, Engine, Row, delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Row, delete, func, select
+from sqlalchemy.exc import DataError, IntegrityError
 
 from api import dbapi_intake, pg_intake
 from api.schemas import JobPublic
 from core.batching import BatchingThread
+from core.budget import check_budget
 from core.config import Settings
-from core.errors import ClientError, Conflict, InvalidSpec
+from core.errors import ClientError, Conflict, InvalidSpec, QuotaExceeded
 from core.models import (
+    ACTIVE_STATUSES,
     Dataset,
     IdempotencyKey,
     Job,
@@ -46,9 +49,14 @@ from core.models import (
 from core.spec import DatasetInfo, JobSpec, ModelInfo, ModelRef, complete_spec, parse_spec
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+# When a tenant at its quota of queued and running jobs is told to try again.
+RETRY_AFTER_SECONDS = 30
 # A key taken twice: raised by SQLAlchemy, or by the driver itself where the intake sends its
 # statements around SQLAlchemy (api/pg_intake.py, api/dbapi_intake.py).
 INTEGRITY_ERRORS = (IntegrityError, PgIntegrityError, sqlite3.IntegrityError)
+# A value the database refuses to store (PostgreSQL's class 22, "data exception"): the fault of
+# one request's spec, never of the others committed with it.
+DATA_ERRORS = (DataError, PgDataError, sqlite3.DataError)
 
 JOBS, MODELS, DATASETS = Job.__table__, Model.__table__, Dataset.__table__
 KEYS, EVENTS = IdempotencyKey.__table__, JobEvent.__table__
@@ -147,6 +155,19 @@ def take_in(
     """
     try:
         return _take_in(conn, requests, settings)
+    except DATA_ERRORS as exc:
+        _rollback(conn)
+        if len(requests) > 1:
+            # One request's value fails the batch's statement: each on its own, so that only
+            # that request fails.
+            return [_alone(conn, request, settings) for request in requests]
+        return [
+            InvalidSpec(
+                "the database refused a value of this spec; check its text and numbers "
+                f"({_first_line(exc)})",
+                field="",
+            )
+        ]
     except INTEGRITY_ERRORS as exc:
         _rollback(conn)
         if len(requests) > 1:
@@ -164,6 +185,12 @@ def take_in(
         # (the foreign keys refused the job). Looked up again, it is missing, and the
         # request gets the error that names it.
         return take_in(conn, requests, settings, retry=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own words, without SQLAlchemy's statement and parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0][:200] if str(orig).strip() else type(orig).__name__
 
 
 def _alone(conn: Connection, request: JobRequest, settings: Settings) -> Outcome:
@@ -190,14 +217,24 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
             except ClientError as exc:
                 outcomes[i] = exc
     uploads = Uploads(conn, list(specs.values()))
+    active = _active_jobs(conn, {requests[i].tenant.id for i in specs})
+    limit = settings.max_active_jobs_per_tenant
     new_jobs: list[tuple[dict[str, Any], list[str]]] = []
     for i, spec in specs.items():
         request = requests[i]
         try:
-            completed, model_ids = resolve_spec(uploads, request.tenant, spec)
+            completed, model_ids = resolve_spec(uploads, request.tenant, spec, settings)
+            if (running := active.get(request.tenant.id, 0)) >= limit:
+                raise QuotaExceeded(
+                    f"this tenant has {running} queued or running jobs and may have at most "
+                    f"{limit}; submit again when one has finished (or cancel one)",
+                    retry_after=RETRY_AFTER_SECONDS,
+                    details={"limit": limit, "active": running},
+                )
         except ClientError as exc:
             outcomes[i] = exc
             continue
+        active[request.tenant.id] = active.get(request.tenant.id, 0) + 1
         columns = _new_job(request, completed, settings)
         new_jobs.append((columns, model_ids))
         outcomes[i] = (SimpleNamespace(**columns), False)
@@ -205,6 +242,22 @@ def _take_in(conn: Connection, requests: list[JobRequest], settings: Settings) -
         _insert_jobs(conn, new_jobs)
     _commit(conn)  # also an expired key's deletion
     return cast(list[Outcome], outcomes)  # every request has its outcome by now
+
+
+def _active_jobs(conn: Connection, tenant_ids: set[str]) -> dict[str, int]:
+    """Each tenant's queued and running jobs (one query per batch).
+
+    Two API processes may each admit a job at the limit at once: the quota can be passed by
+    a batch or two, never by a flood.
+    """
+    if not tenant_ids:
+        return {}
+    query = (
+        select(JOBS.c.tenant_id, func.count())
+        .where(JOBS.c.tenant_id.in_(tenant_ids), JOBS.c.status.in_(ACTIVE_STATUSES))
+        .group_by(JOBS.c.tenant_id)
+    )
+    return {tenant_id: count for tenant_id, count in conn.execute(query)}
 
 
 def _commit(conn: Connection) -> None:
@@ -271,8 +324,10 @@ def _model_refs(spec: JobSpec) -> list[Any]:
     return [ref for ref in refs if ref is not None]
 
 
-def resolve_spec(uploads: Uploads, tenant: Tenant, spec: JobSpec) -> tuple[JobSpec, list[str]]:
-    """Check every id against the tenant's uploads and complete the spec.
+def resolve_spec(
+    uploads: Uploads, tenant: Tenant, spec: JobSpec, settings: Settings
+) -> tuple[JobSpec, list[str]]:
+    """Check every id against the tenant's uploads, complete the spec and check its budget.
 
     Returns the completed spec and the ids of the models the job uses.
     """
@@ -320,7 +375,9 @@ def resolve_spec(uploads: Uploads, tenant: Tenant, spec: JobSpec) -> tuple[JobSp
             field="dataset_id",
         )
     dataset = DatasetInfo.model_validate(info)
-    completed = complete_spec(spec, [model_info(m) for m in teachers], dataset)
+    infos = [model_info(m) for m in teachers]
+    completed = complete_spec(spec, infos, dataset)
+    check_budget(completed, infos, dataset, settings)
     return completed, list(dict.fromkeys(used))
 
 

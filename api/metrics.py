@@ -81,12 +81,16 @@ class JobTimesCollector(Collector):
     whole deployment without Prometheus multiprocess mode.
     """
 
-    def __init__(self, sessions: Callable[[], Session], stale_after_seconds: float) -> None:
+    def __init__(
+        self, sessions: Callable[[], Session], stale_after_seconds: float, by_job: bool = False
+    ) -> None:
         self.sessions = sessions
         self.stale_after = stale_after_seconds
+        self.by_job = by_job  # each running job's heartbeat age, labelled by its id
 
     def describe(self) -> Iterator[Any]:
-        yield from self._families()
+        durations, ages, stale, oldest = self._families()
+        yield from (durations, ages, stale, oldest) if self.by_job else (durations, stale, oldest)
 
     def _families(self) -> tuple[Any, ...]:
         return (
@@ -135,7 +139,7 @@ class JobTimesCollector(Collector):
             n_stale += age > self.stale_after
         stale.add_metric([], n_stale)
         oldest.add_metric([], worst)
-        yield from (durations, ages, stale, oldest)
+        yield from (durations, ages, stale, oldest) if self.by_job else (durations, stale, oldest)
 
     def _durations(self, session: Session) -> dict[str, tuple[list[tuple[str, int]], int, float]]:
         seconds = _duration_seconds(session.get_bind().dialect.name)
@@ -176,8 +180,17 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
-        self.registry.register(JobsCollector(sessions))
+        jobs = JobsCollector(sessions)
+        self.registry.register(jobs)
         self.registry.register(JobTimesCollector(sessions, stale_after_seconds))
+        # The operator's view: the same, and each running job by id (api/routes/ops.py decides
+        # who is the operator).
+        self.operator_registry = CollectorRegistry(auto_describe=True)
+        for collector in (self.requests, self.latency, jobs):
+            self.operator_registry.register(collector)
+        self.operator_registry.register(
+            JobTimesCollector(sessions, stale_after_seconds, by_job=True)
+        )
 
 
 class MetricsMiddleware:

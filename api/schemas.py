@@ -157,7 +157,8 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
-    checks: dict[str, str]
+    # Each dependency's state: shown to the operator (DISTILL_OPERATOR_TOKEN) only.
+    checks: dict[str, str] | None = None
 
 
 ModelList = Page[ModelPublic]

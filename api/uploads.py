@@ -23,6 +23,11 @@ from core.errors import PayloadTooLarge
 from core.storage import Blob, Storage
 
 MAX_FIELD_BYTES = 64 * 1024
+# The form around the file: its text fields, and every part's headers, counted as they arrive
+# and refused at once when over, so that a flood of fields never accumulates in memory.
+MAX_FORM_FIELDS = 16
+MAX_FORM_BYTES = 256 * 1024
+MAX_PART_HEADER_BYTES = 8 * 1024
 FORM_OVERHEAD = (
     1024 * 1024
 )  # allowance for boundaries and small fields when checking Content-Length
@@ -70,6 +75,8 @@ class _FormReader:
         self._name: str | None = None
         self._is_file = False
         self._value = bytearray()
+        self._parts = 0
+        self._form_bytes = 0
         self.parser = MultipartParser(
             boundary,
             {
@@ -86,12 +93,36 @@ class _FormReader:
     def _part_begin(self) -> None:
         self._headers, self._name, self._is_file = {}, None, False
         self._value = bytearray()
+        self._parts += 1
+        if self._parts > MAX_FORM_FIELDS + 1:  # the file and the text fields
+            raise InvalidRequest(
+                f"the form has more than {MAX_FORM_FIELDS + 1} fields; send the file and only "
+                "the fields this route takes",
+                details={"max_fields": MAX_FORM_FIELDS + 1},
+            )
+
+    def _count(self, size: int) -> None:
+        """Count bytes of the form around the file (headers, text fields) against the cap."""
+        self._form_bytes += size
+        if self._form_bytes > MAX_FORM_BYTES:
+            raise PayloadTooLarge(
+                f"the form's fields and part headers hold more than {MAX_FORM_BYTES} bytes; send "
+                "the file and only the fields this route takes",
+                details={"max_form_bytes": MAX_FORM_BYTES},
+            )
 
     def _header_field_data(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self._header_field += data[start:end]
 
     def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self._header_value += data[start:end]
+        if len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise InvalidRequest(
+                f"a part header of the form is longer than {MAX_PART_HEADER_BYTES} bytes",
+                field=self.file_field,
+            )
 
     def _header_end(self) -> None:
         self._headers[self._header_field.lower()] = self._header_value
@@ -100,16 +131,23 @@ class _FormReader:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        if "\x00" in self._name:
+            raise InvalidRequest("a form field's name contains a NUL character", field="")
         if self._name == self.file_field:
             if self.filename is not None:
                 raise InvalidRequest("send one 'file' field, not several", field="file")
             self._is_file = True
             self.filename = options.get(b"filename", b"upload").decode("utf-8", "replace")
+            if "\x00" in self.filename:
+                raise InvalidRequest(
+                    "the file's name contains a NUL character; rename it", field=self.file_field
+                )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._is_file:
             self._pending.append(bytes(data[start:end]))
             return
+        self._count(end - start)
         self._value += data[start:end]
         if len(self._value) > MAX_FIELD_BYTES:
             raise InvalidRequest(
@@ -121,7 +159,13 @@ class _FormReader:
         if self._is_file:
             self.file_done = True
         elif self._name:
-            self.fields[self._name] = self._value.decode("utf-8", "replace")
+            value = self._value.decode("utf-8", "replace")
+            if "\x00" in value:  # no column or file name may hold one (PostgreSQL refuses it)
+                raise InvalidRequest(
+                    f"form field '{self._name}' contains a NUL character; remove it",
+                    field=self._name,
+                )
+            self.fields[self._name] = value
 
     async def file_chunks(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Parse the body; yield the file part's bytes as they arrive; read to the end."""

@@ -57,7 +57,13 @@ def service(
     """The API (``api_workers`` processes, optionally one Celery worker) in ``mode``: its URL,
     and its process id and environment."""
     with _database(mode, workdir) as settings:
-        env = service_env(auth="off", data_dir=str(workdir / "data"), **settings)
+        # Load is one tenant submitting thousands of jobs that no worker takes: no job quota.
+        env = service_env(
+            auth="off",
+            data_dir=str(workdir / "data"),
+            max_active_jobs_per_tenant=str(10**9),
+            **settings,
+        )
         migrate(settings.get("database_url") or f"sqlite:///{workdir / 'data' / 'distill.db'}")
         api, base = start_api(env, workdir, workers=api_workers)
         proc_worker = start_worker(env, workdir) if worker else None

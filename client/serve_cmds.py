@@ -37,6 +37,8 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a job worker (Celery) configured by DISTILL_* settings."""
+    # The default per-job memory limit shares the machine between the concurrent jobs.
+    os.environ.setdefault("DISTILL_WORKER_CONCURRENCY", str(concurrency))
     from worker.celery_app import celery_app, worker_argv
 
     celery_app.worker_main(worker_argv(_queues(queues), concurrency, loglevel))
@@ -88,9 +90,16 @@ def serve(
         env["DISTILL_AUTH"] = "off"
     os.environ.update(env)
 
-    from core.config import get_settings
+    from core.config import get_settings, public_auth_warning
 
     settings = get_settings()
+    try:
+        warning = public_auth_warning(settings, host)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if warning:
+        typer.secho(warning, err=True, fg="red", bold=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _migrate(settings.database)
 

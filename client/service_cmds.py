@@ -29,6 +29,16 @@ def api(
     """Run the HTTP API (uvicorn) configured by DISTILL_* settings."""
     import uvicorn
 
+    from core.config import get_settings, public_auth_warning
+
+    try:
+        warning = public_auth_warning(get_settings(), host)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if warning:
+        typer.secho(warning, err=True, fg="red", bold=True)
+
     # The factory is imported by each server process (a string is needed for workers > 1).
     uvicorn.run("api.main:app_from_env", factory=True, host=host, port=port, workers=workers)
 

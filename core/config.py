@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import psutil
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +34,19 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(default=5.0, ge=0)
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
 
+    # Budgets: a job over any of them is refused at submission (422 over_budget). None: no limit.
+    max_student_parameters: int | None = Field(default=200_000_000, gt=0)
+    max_optimizer_steps: int | None = Field(default=1_000_000, gt=0)
+    max_job_minutes: float | None = Field(default=24 * 60, gt=0)
+    # Quotas per tenant: queued and running jobs (429 beyond), bytes of stored uploads (413).
+    max_active_jobs_per_tenant: int = Field(default=100, gt=0)
+    max_tenant_storage_bytes: int = Field(default=50 * 1024**3, gt=0)
+
+    # Deployment. With a token set, /metrics asks for it and /readyz shows its checks only to it.
+    operator_token: str | None = Field(default=None, min_length=16)
+    # `distill api`/`serve` refuse auth off on an address other machines can reach unless set.
+    allow_unauthenticated_public: bool = False
+
     # Worker and reconciler.
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)  # a job whose heartbeat is older is stale
@@ -39,11 +55,13 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(default=30.0, gt=0)  # re-send a queued job this old
     gpu_workers: bool = False  # route jobs that want a GPU to the gpu queue
     # A job process whose memory (RSS, its children included) passes this is stopped and the job
-    # fails ``out_of_memory`` (not retried). None: only the machine's (or cgroup's) limit.
+    # fails ``out_of_memory`` (not retried); a job estimated above it is refused at submission.
+    # Unset: 80% of the machine's (or cgroup's) memory shared by the worker's concurrent jobs.
     job_memory_mb: int | None = Field(default=None, gt=0)
     # What a job process may write (checkpoints, artifacts, TensorBoard files) before it is
     # stopped and the job fails ``out_of_disk``.
     job_disk_mb: int = Field(default=20 * 1024, gt=0)
+    worker_concurrency: int = Field(default=1, ge=1)  # set by `distill worker --concurrency`
 
     # Optional: every job's per-epoch metrics as TensorBoard scalars under <dir>/<job id>.
     tensorboard_dir: Path | None = None
@@ -72,6 +90,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"production needs {env}; set them or use environment=development")
             if self.auth == "off":
                 raise ValueError("DISTILL_AUTH=off is refused in production")
+        return self
+
+    @model_validator(mode="after")
+    def _default_job_memory(self) -> Settings:
+        if self.job_memory_mb is None:
+            self.job_memory_mb = default_job_memory_mb(self.worker_concurrency)
         return self
 
     @cached_property
@@ -110,6 +134,50 @@ def warn_about_isolation(settings: Settings, log: logging.Logger) -> None:
             "refused; install bubblewrap, or set DISTILL_CAGE=off to accept them uncaged",
             found.reason,
         )
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when it is smaller (a container)."""
+    total = psutil.virtual_memory().total
+    with suppress(OSError, ValueError):
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text != "max":
+            total = min(total, int(text))
+    return total
+
+
+def default_job_memory_mb(concurrency: int) -> int:
+    """80% of this machine's memory shared by ``concurrency`` jobs (the rest: the worker, the
+    OS), at least 256 MiB."""
+    return max(256, int(machine_memory_bytes() * 0.8 / concurrency / 2**20))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address the API binds to."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whoever resolves it can reach it
+
+
+def public_auth_warning(settings: Settings, host: str) -> str | None:
+    """Refuse (ValueError) to serve without auth on an address other machines can reach, unless
+    the operator allowed it; the warning to print loudly when allowed, else None."""
+    if settings.auth == "on" or is_loopback(host):
+        return None
+    if not settings.allow_unauthenticated_public:
+        raise ValueError(
+            f"refusing to serve with DISTILL_AUTH=off on {host}, which other machines can reach: "
+            "anyone there could use and read every tenant's models, data and jobs. Bind to "
+            "127.0.0.1, or turn auth on (create keys with `distill keys create --tenant NAME`), "
+            "or set DISTILL_ALLOW_UNAUTHENTICATED_PUBLIC=1 if a gateway in front authenticates"
+        )
+    return (
+        f"WARNING: auth is off on {host} (DISTILL_ALLOW_UNAUTHENTICATED_PUBLIC=1): anyone who can "
+        "reach this address can use and read every tenant's models, data and jobs"
+    )
 
 
 def get_settings() -> Settings:

@@ -6,6 +6,7 @@
     ├── ClientError                   (4xx: the caller can fix it)
     │   ├── InvalidSpec               invalid_spec     422
     │   ├── ShapeMismatch             shape_mismatch   422
+    │   ├── OverBudget                over_budget      422
     │   ├── UnsafeModelFile           unsafe_model_file 422
     │   ├── ModelInvalid              model_invalid    422
     │   ├── DatasetInvalid            dataset_invalid  422
@@ -13,6 +14,8 @@
     │   ├── NotFound                  not_found        404
     │   ├── Conflict                  conflict         409
     │   ├── PayloadTooLarge           payload_too_large 413
+    │   │   └── StorageQuotaExceeded  quota_exceeded   413
+    │   ├── QuotaExceeded             quota_exceeded   429
     │   └── RangeNotSatisfiable       range_not_satisfiable 416
     └── JobError                      (a job that ran and failed; the job's error.code)
         ├── TrainingDiverged          training_diverged
@@ -74,6 +77,12 @@ class ShapeMismatch(InvalidSpec):
     code = "shape_mismatch"
 
 
+class OverBudget(InvalidSpec):
+    """The job is larger than the service runs (parameters, memory, steps or minutes)."""
+
+    code = "over_budget"
+
+
 class UnsafeModelFile(ClientError):
     code = "unsafe_model_file"
     http_status = 422
@@ -107,6 +116,23 @@ class Conflict(ClientError):
 class PayloadTooLarge(ClientError):
     code = "payload_too_large"
     http_status = 413
+
+
+class StorageQuotaExceeded(PayloadTooLarge):
+    """The tenant's uploads would hold more bytes than its quota."""
+
+    code = "quota_exceeded"
+
+
+class QuotaExceeded(ClientError):
+    """The tenant has as many queued and running jobs as it may; it can retry later."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class RangeNotSatisfiable(ClientError):

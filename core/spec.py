@@ -8,6 +8,7 @@ chooses the distillation method, checks shapes and fills in every default.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -262,10 +263,54 @@ def parse_spec(data: Any) -> JobSpec:
     """Validate a spec; raise InvalidSpec naming the first wrong field (dotted path)."""
     if not isinstance(data, dict):
         raise InvalidSpec("the job spec must be a JSON object", field="")
+    check_values(data)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _invalid_spec(exc) from None
+
+
+def check_values(data: Any) -> None:
+    """Refuse what no field may hold: NUL characters, text that is not Unicode (lone
+    surrogates) and numbers that are not finite (``NaN``, ``Infinity``, ``1e309``).
+
+    Checked on the raw JSON before the model, so that nothing a database or the engine would
+    choke on later (PostgreSQL's ``json`` refuses them) is ever stored. Iterative: a deeply
+    nested body raises InvalidSpec, not RecursionError.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                field = f"{path}.{key}" if path else str(key)
+                _check_text(str(key), field)
+                stack.append((field, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidSpec(
+                f"'{path}': {value} is not a finite number (NaN, Infinity and numbers beyond "
+                "1.8e308 are refused); give a finite value",
+                field=path,
+            )
+
+
+def _check_text(text: str, field: str) -> None:
+    if "\x00" in text:
+        raise InvalidSpec(
+            f"'{field}': text may not contain NUL characters (\\u0000); remove them", field=field
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSpec(
+            f"'{field}': text is not valid Unicode (a lone surrogate such as \\ud800); send "
+            "UTF-8 text",
+            field=field,
+        ) from None
 
 
 def _invalid_spec(exc: ValidationError) -> InvalidSpec:

@@ -10,10 +10,12 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnedDatasetDep, SessionDep, SettingsDep, StorageDep, TenantDep, page
 from api.errors import InvalidRequest
+from api.quotas import upload_limit
 from api.routes.models import default_name
 from api.schemas import DatasetList, DatasetPublic, Deleted, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
+from core.errors import PayloadTooLarge
 from core.jobs import delete_upload
 from core.models import Dataset, new_id
 from core.storage import Storage
@@ -96,9 +98,13 @@ async def upload_dataset(
 ) -> Dataset:
     """Upload a transfer set (multipart field `file`); it is read in a sandbox and described."""
     dataset_id = new_id("ds")
-    upload = await receive_upload(
-        request, storage, f"datasets/{tenant.id}/{dataset_id}", max_bytes=settings.max_upload_bytes
-    )
+    limit = await run_in_threadpool(upload_limit, session, tenant.id, settings)
+    try:
+        upload = await receive_upload(
+            request, storage, f"datasets/{tenant.id}/{dataset_id}", max_bytes=limit.max_bytes
+        )
+    except PayloadTooLarge as exc:
+        raise limit.refusal(exc) from None
     try:
         name, options = parse_dataset_fields(upload.fields, upload.filename)
         inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
+from api.errors import InvalidRequest
 from api.job_intake import PUBLIC_COLUMNS, JobRequest
 from api.schemas import (
     EventList,
@@ -36,6 +37,8 @@ log = logging.getLogger("distill.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Event numbers are 32-bit integers in the database; a larger cursor is a client's mistake.
+MAX_SEQ = 2**31 - 1
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 
@@ -189,13 +192,15 @@ def job_events(
     request: Request,
     job: OwnedJobDep,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="return events with seq > after")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_SEQ, description="return events with seq > after")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Any:
     """The job's events in seq order; with `Accept: text/event-stream`, streamed live (SSE)."""
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = _last_event_id(last_event_id) if last_event_id else after
         return StreamingResponse(
             _sse(request, job.id, start),
             media_type="text/event-stream",
@@ -204,6 +209,18 @@ def job_events(
     rows = _events(session, job.id, after, limit + 1)
     data, has_more = page(rows, limit)
     return {"data": [EventPublic.model_validate(e) for e in data], "has_more": has_more}
+
+
+def _last_event_id(value: str) -> int:
+    """The seq a reconnecting stream resumes after; InvalidRequest for anything else."""
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= MAX_SEQ):
+        raise InvalidRequest(
+            f"Last-Event-ID must be the id of an event this stream sent (an integer from 0 to "
+            f"{MAX_SEQ}); reconnect without it to start from the beginning",
+            field="Last-Event-ID",
+        )
+    return int(value)
 
 
 async def _sse(request: Request, job_id: str, after: int) -> AsyncIterator[str]:

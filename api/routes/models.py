@@ -19,11 +19,14 @@ from api.deps import (
     page,
 )
 from api.errors import InvalidRequest
+from api.quotas import upload_limit
 from api.schemas import Deleted, ModelList, ModelPublic, error_responses
 from api.uploads import Upload, receive_upload
 from core.config import Settings
+from core.errors import InvalidSpec, PayloadTooLarge
 from core.jobs import delete_upload
 from core.models import Model, new_id
+from core.spec import check_values
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401))
@@ -100,8 +103,13 @@ def _parse_arch(text: str) -> tuple[str | None, dict[str, Any] | None]:
         return text, None
     try:
         value = json.loads(text)
+        check_values(value)  # NaN or Infinity in a config: nothing to build, nothing to store
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"arch is not valid JSON ({exc.msg})", field="arch") from None
+    except RecursionError:
+        raise InvalidRequest("arch is nested too deeply to be a config", field="arch") from None
+    except InvalidSpec as exc:
+        raise InvalidRequest(f"arch: {exc.message}", field="arch") from None
     if (
         not isinstance(value, dict)
         or not isinstance(value.get("name"), str)
@@ -120,7 +128,7 @@ def _parse_input_shape(text: str) -> list[int | None] | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     dims = value[1:] if isinstance(value, list) and value and value[0] is None else value
     if (
@@ -168,9 +176,13 @@ async def upload_model(
 ) -> Model:
     """Upload a model file (multipart field `file`); it is opened in a sandbox and described."""
     model_id = new_id("mdl")
-    upload = await receive_upload(
-        request, storage, f"models/{tenant.id}/{model_id}", max_bytes=settings.max_upload_bytes
-    )
+    limit = await run_in_threadpool(upload_limit, session, tenant.id, settings)
+    try:
+        upload = await receive_upload(
+            request, storage, f"models/{tenant.id}/{model_id}", max_bytes=limit.max_bytes
+        )
+    except PayloadTooLarge as exc:
+        raise limit.refusal(exc) from None
     try:
         options = parse_model_fields(upload.fields, upload.filename)
         inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import secrets
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
@@ -14,6 +15,7 @@ from api.errors import NotReady
 from api.schemas import Health, Readiness, error_responses
 from core.config import Settings
 from core.db import get_engine
+from core.errors import Unauthorized
 from core.storage import Storage
 
 log = logging.getLogger("distill.api")
@@ -84,28 +86,57 @@ async def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", response_model=Readiness, responses=error_responses(503))
+def is_operator(request: Request) -> bool:
+    """Whether the caller holds the operator token (``DISTILL_OPERATOR_TOKEN``), when one is set."""
+    token = request.app.state.settings.operator_token
+    given = request.headers.get("authorization", "")
+    return token is not None and secrets.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses=error_responses(503),
+)
 def readyz(request: Request) -> Readiness:
-    """Readiness: the database, the broker and storage are reachable."""
+    """Readiness: the database, the broker and storage are reachable.
+
+    Which of them failed, and why, is shown only with the operator token (the log has it too).
+    """
     results = run_checks(request.app.state.readiness_checks, CHECK_TIMEOUT_SECONDS)
     failed = [name for name, result in results.items() if result != "ok"]
+    operator = is_operator(request)
     if failed:
         log.warning("not ready: %s", results)
+        if not operator:
+            raise NotReady("not ready")
         raise NotReady(
             f"not ready: {', '.join(failed)} unreachable",
             details={"checks": results, "failed": failed},
         )
-    return Readiness(checks=results)
+    return Readiness(checks=results if operator else None)
 
 
 @router.get(
     "/metrics",
     response_class=Response,
     response_model=None,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}}
+    | error_responses(401),
 )
 def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests, latencies, jobs by status, queue depth."""
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    """Prometheus metrics: requests, latencies, jobs by status, queue depth.
+
+    With DISTILL_OPERATOR_TOKEN set, only its holder may scrape them, and gets each running
+    job's heartbeat age by job id; without it they hold no tenant's data.
+    """
+    operator = is_operator(request)
+    if request.app.state.settings.operator_token is not None and not operator:
+        raise Unauthorized(
+            "/metrics needs the operator token: send Authorization: Bearer <DISTILL_OPERATOR_TOKEN>"
+        )
+    registry = request.app.state.metrics.registry
+    if operator:
+        registry = request.app.state.metrics.operator_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

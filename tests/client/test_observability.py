@@ -135,8 +135,11 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+OPERATOR_TOKEN = "operator-token-for-tests"
+
+
 def test_job_times_from_the_database(database: str, tmp_path: Path) -> None:
-    api = build_api(database, tmp_path, lease_seconds=30)
+    api = build_api(database, tmp_path, lease_seconds=30, operator_token=OPERATOR_TOKEN)
     tenant = api.tenant()
     now = utcnow()
     with api.session() as session:
@@ -149,7 +152,8 @@ def test_job_times_from_the_database(database: str, tmp_path: Path) -> None:
         stale.started_at, stale.heartbeat_at = now, now - timedelta(seconds=120)
         session.commit()
         fresh_id, stale_id = fresh.id, stale.id
-    text = api.client.get("/metrics").text
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    text = api.client.get("/metrics", headers=operator).text
     assert _sample(text, 'distill_job_duration_seconds_count{status="succeeded"}') == 2
     assert _sample(text, 'distill_job_duration_seconds_sum{status="succeeded"}') == pytest.approx(
         103, abs=0.1

@@ -64,6 +64,7 @@ class Stack:
             "database_url": database_url,
             "broker_url": broker_url,
             "auth": "off",
+            "max_active_jobs_per_tenant": str(10**6),  # bench/soak.py queues many at once
             **FAST_SETTINGS,
         }
         self.redis = redis.Redis.from_url(broker_url)

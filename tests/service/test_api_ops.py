@@ -11,12 +11,15 @@ from fastapi.testclient import TestClient
 from tests.service.api_support import Api, build_api, insert_job
 from tests.service.helpers import migrate
 
+OPERATOR_TOKEN = "operator-token-for-tests"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
 
 @pytest.fixture
 def api(tmp_path: Path) -> Api:
     url = f"sqlite:///{tmp_path / 'distill.db'}"
     migrate(url)
-    return build_api(url, tmp_path)
+    return build_api(url, tmp_path, operator_token=OPERATOR_TOKEN)
 
 
 def test_healthz(api: Api) -> None:
@@ -25,20 +28,24 @@ def test_healthz(api: Api) -> None:
 
 
 def test_readyz_checks_database_broker_and_storage(api: Api) -> None:
-    r = api.client.get("/readyz")
+    r = api.client.get("/readyz", headers=OPERATOR)
     assert r.status_code == 200, r.text
     assert r.json() == {
         "status": "ready",
         "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
     }
+    # Without the operator token (or with a tenant's key): ready or not, nothing more.
+    assert api.client.get("/readyz").json() == {"status": "ready"}
+    tenant = api.tenant()
+    assert api.client.get("/readyz", headers=tenant.headers).json() == {"status": "ready"}
 
 
 def test_readyz_with_redis_broker(tmp_path: Path, redis_url: str) -> None:
     url = f"sqlite:///{tmp_path / 'distill.db'}"
     migrate(url)
-    api = build_api(url, tmp_path)
+    api = build_api(url, tmp_path, operator_token=OPERATOR_TOKEN)
     api.app.state.readiness_checks["broker"] = _broker_check(redis_url)
-    assert api.client.get("/readyz").json()["checks"]["broker"] == "ok"
+    assert api.client.get("/readyz", headers=OPERATOR).json()["checks"]["broker"] == "ok"
 
 
 def _broker_check(url: str):  # noqa: ANN202
@@ -53,7 +60,10 @@ def test_readyz_names_the_part_that_is_down(api: Api, tmp_path: Path) -> None:
     api.app.state.readiness_checks["broker"] = _broker_check("redis://127.0.0.1:1/0")
     root = Path(api.storage.root)  # type: ignore[attr-defined]
     root.rmdir()
-    r = api.client.get("/readyz")
+    hidden = api.client.get("/readyz")
+    assert hidden.status_code == 503
+    assert hidden.json()["error"] == {"code": "not_ready", "message": "not ready", "details": {}}
+    r = api.client.get("/readyz", headers=OPERATOR)
     assert r.status_code == 503
     error = r.json()["error"]
     assert error["code"] == "not_ready"
@@ -72,7 +82,7 @@ def test_metrics_count_requests_by_route_and_read_jobs_from_the_database(api: Ap
     api.client.get(f"/v1/jobs/{job.id}", headers=tenant.headers)
     api.client.get("/v1/jobs/job_nope", headers=tenant.headers)
     api.client.get("/no/such/route")
-    text = api.client.get("/metrics").text
+    text = api.client.get("/metrics", headers=OPERATOR).text
 
     def value(pattern: str) -> float:
         match = re.search(rf"^{pattern} (\S+)$", text, re.M)
@@ -139,3 +149,39 @@ def test_unexpected_errors_are_500_without_a_traceback(api: Api) -> None:
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal"
     assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_metrics_need_the_operator_token_when_one_is_set(api: Api) -> None:
+    tenant = api.tenant()
+    for headers in ({}, tenant.headers, {"Authorization": "Bearer wrong-operator-token"}):
+        r = api.client.get("/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert "distill_" not in r.text
+    assert api.client.get("/metrics", headers=OPERATOR).status_code == 200
+
+
+def test_metrics_without_an_operator_token_name_no_job(tmp_path: Path) -> None:
+    """With no token set, /metrics is open but shows counts only: no job id of any tenant."""
+    url = f"sqlite:///{tmp_path / 'distill.db'}"
+    migrate(url)
+    api = build_api(url, tmp_path)
+    tenant = api.tenant()
+    with api.session() as s:
+        job = insert_job(s, tenant.id, status="running")
+        job.started_at = job.heartbeat_at = job.created_at
+        s.commit()
+        job_id = job.id
+    text = api.client.get("/metrics").text
+    assert 'distill_jobs{status="running"} 1.0' in text
+    assert "distill_job_heartbeat_age_seconds_max" in text
+    assert job_id not in text and "job_id=" not in text and tenant.id not in text
+
+
+def test_readyz_hides_what_failed_and_why_from_everyone_but_the_operator(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'distill.db'}"
+    migrate(url)
+    api = build_api(url, tmp_path)  # no operator token: nobody sees the checks
+    api.app.state.readiness_checks["broker"] = _broker_check("redis://127.0.0.1:1/0")
+    r = api.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["error"]["details"] == {}
+    assert "redis" not in r.text and str(tmp_path) not in r.text

@@ -39,7 +39,7 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
                 pass
             time.sleep(0.3)
         assert ready is not None and ready.status_code == 200, serve.output()[-3000:]
-        assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+        assert ready.json() == {"status": "ready"}  # the checks are the operator's to see
         # Embedded defaults on 127.0.0.1: no key needed, everything under --data-dir.
         assert httpx.get(f"{base}/v1/jobs", timeout=5).status_code == 200
         assert (data / "distill.db").is_file() and (data / "broker.db").is_file()
