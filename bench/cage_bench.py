@@ -27,6 +27,7 @@ from torch import nn
 from core.distill import cage
 from core.distill.inspect import INSPECTION_MODULES, inspect_model_file
 from core.distill.sandbox import keep_warm, stop_warm
+from worker.protocol import JobPayload
 
 
 class Small(nn.Module):
@@ -55,18 +56,18 @@ def _job_start_once(tmp: Path, isolation: cage.Isolation) -> float:
     work = Path(tempfile.mkdtemp(dir=tmp))
     (work / "inputs").mkdir()
     (work / "inputs" / "dataset.npz").write_bytes(b"-")
-    payload = {
-        "engine": "bench.cage_bench:first_message_engine",
-        "spec": {"teacher": {"model_id": "mdl_bench"}, "dataset_id": "ds_bench"},
-        "models": {},
-        "dataset": str(work / "inputs" / "dataset.npz"),
-        "dataset_options": {},
-        "out_dir": str(work / "output" / "out-1"),
-        "work_dir": str(work / "checkpoints"),
-        "scratch": str(work / "scratch"),
-        "caged": isolation.caged,
-        "max_seconds": 60,
-    }
+    payload = JobPayload(
+        engine="bench.cage_bench:first_message_engine",
+        spec={"teacher": {"model_id": "mdl_bench"}, "dataset_id": "ds_bench"},
+        models={},
+        dataset=str(work / "inputs" / "dataset.npz"),
+        dataset_options={},
+        out_dir=str(work / "output" / "out-1"),
+        work_dir=str(work / "checkpoints"),
+        scratch=str(work / "scratch"),
+        caged=isolation.caged,
+        max_seconds=60,
+    )
     started = time.perf_counter()
     proc = _start_child(payload, isolation)
     channel = _MessageChannel(proc)

@@ -22,6 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from worker.protocol import Event, Failure, JobPayload, Message, ModelInput, Outcome, encode
+
 
 def jsonable(value: Any) -> Any:
     """Plain JSON: non-finite floats → None, arrays and tensors → lists, the rest → text."""
@@ -51,8 +53,8 @@ def _listen_to_parent(stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """Entry point of the child: run ``payload['engine']`` and send events and the outcome."""
-    payload = json.loads(sys.stdin.readline())
+    """Entry point of the child: run the payload's engine and send events and the outcome."""
+    payload = JobPayload.from_json(sys.stdin.readline())
     # Messages go to the original standard output alone; prints of the job go to stderr.
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -60,52 +62,46 @@ def main() -> None:
     _listen_to_parent(stop_event)
     lock = threading.Lock()
 
-    def send(message: dict[str, Any]) -> None:
-        data = json.dumps(jsonable(message)).encode() + b"\n"
+    def send(message: Message) -> None:
+        data = json.dumps(jsonable(encode(message))).encode() + b"\n"
         with lock:
             channel.write(data)
             channel.flush()
 
     from worker.tensorboard import open_exporter
 
-    exporter, warning = open_exporter(payload.get("tensorboard_dir"))
+    exporter, warning = open_exporter(payload.tensorboard_dir)
     if warning:
-        send({"kind": "event", "type": "log", "data": {"message": warning}})
+        send(Event("log", {"message": warning}))
 
     def progress(event: Any) -> None:
         if exporter is not None:
             exporter.record(event.type, event.data)
-        send({"kind": "event", "type": event.type, "data": event.data})
+        send(Event(event.type, event.data))
 
     try:
-        module_name, _, func_name = payload["engine"].partition(":")
+        module_name, _, func_name = payload.engine.partition(":")
         engine = getattr(importlib.import_module(module_name), func_name)
         outcome = engine(
-            _spec(payload["spec"]),
-            models=_models(payload["models"]),
-            dataset=Path(payload["dataset"]),
-            dataset_options=payload["dataset_options"],
-            out_dir=Path(payload["out_dir"]),
-            work_dir=Path(payload["work_dir"]),
+            _spec(payload.spec),
+            models=_models(payload.models),
+            dataset=Path(payload.dataset),
+            dataset_options=payload.dataset_options,
+            out_dir=Path(payload.out_dir),
+            work_dir=Path(payload.work_dir),
             progress=progress,
             should_stop=stop_event.is_set,
         )
-        send(
-            {
-                "kind": "outcome",
-                "result": outcome.result,
-                "history": outcome.history,
-                "artifacts": [
-                    {"name": a.name, "kind": a.kind, "path": str(a.path)} for a in outcome.artifacts
-                ],
-            }
-        )
+        artifacts = [
+            {"name": a.name, "kind": a.kind, "path": str(a.path)} for a in outcome.artifacts
+        ]
+        send(Outcome(outcome.result, outcome.history, artifacts))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error
         error = _error(exc)
         if error.get("code") == "internal":
             traceback.print_exc(file=sys.stderr)
         with contextlib.suppress(Exception):  # the parent is gone; nothing left to tell
-            send({"kind": "error", "error": error})
+            send(Failure(error))
     finally:
         if exporter is not None:
             exporter.close()
@@ -128,13 +124,11 @@ def _spec(data: dict[str, Any]) -> Any:
     return JobSpec.model_validate(data)
 
 
-def _models(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _models(data: dict[str, ModelInput]) -> dict[str, Any]:
     from core.distill.types import ModelFile
 
     return {
-        key: ModelFile(
-            path=Path(m["path"]), format=m["format"], arch=m["arch"], arch_config=m["arch_config"]
-        )
+        key: ModelFile(path=Path(m.path), format=m.format, arch=m.arch, arch_config=m.arch_config)
         for key, m in data.items()
     }
 

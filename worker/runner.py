@@ -54,12 +54,14 @@ from core.logging import bind_log_context
 from core.models import Dataset, Job, Model
 from core.spec import JobSpec
 from core.storage import Storage
+from worker import protocol
 from worker.checkpoints import (
     delete_checkpoints,
     download,
     restore_checkpoints,
     sync_checkpoints,
 )
+from worker.protocol import Failure, JobPayload, Message, ModelInput, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def artifact_key(job_id: str, attempt: int, name: str) -> str:
 class _Watch:
     """What the parent knows about the child while it runs."""
 
-    outcome: dict[str, Any] | None = None
+    outcome: Outcome | None = None
     error: dict[str, Any] | None = None
     stop_reason: str | None = None  # cancel | timeout | lost | memory | disk
     stop_asked_at: float | None = None
@@ -129,8 +131,8 @@ def run_claimed_job(
             payload = _prepare(session, job, storage, work, engine, settings.isolation)
             attempt = job.attempt
         if settings.tensorboard_dir is not None:
-            payload["tensorboard_dir"] = str((settings.tensorboard_dir / job_id).resolve())
-        restore_checkpoints(storage, job_id, Path(payload["work_dir"]))
+            payload.tensorboard_dir = str((settings.tensorboard_dir / job_id).resolve())
+        restore_checkpoints(storage, job_id, Path(payload.work_dir))
         watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
         return _settle(job_id, owner, attempt, watch, payload, session_factory, storage, settings)
     finally:
@@ -153,7 +155,7 @@ def open_storage(settings: Settings) -> Storage:
 
 def _prepare(
     session: Session, job: Job, storage: Storage, work: Path, engine: str, isolation: Isolation
-) -> dict[str, Any]:
+) -> JobPayload:
     """Download the job's models and dataset; the child's payload."""
     bind_log_context(tenant=job.tenant_id)
     spec = JobSpec.model_validate(job.spec)
@@ -161,7 +163,7 @@ def _prepare(
     ids += [s.student.model_id for s in spec.chain() if s.student.model_id]
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
-    models: dict[str, dict[str, Any]] = {}
+    models: dict[str, ModelInput] = {}
     for model_id in dict.fromkeys(ids):
         model = session.scalar(
             select(Model).where(Model.id == model_id, Model.tenant_id == job.tenant_id)
@@ -171,17 +173,12 @@ def _prepare(
                 f"model {model_id} no longer exists; upload it again and submit a new job",
                 field="teacher",
             )
-        path = inputs / f"{model.id}{MODEL_SUFFIX.get(model.format, '')}"
-        download(storage, model.storage_key, path)
         refusal = isolation.refuse_program(model.format)
         if refusal is not None:
             raise UnsafeModelFile(refusal, details={"model_id": model.id})
-        models[model_id] = {
-            "path": str(path),
-            "format": model.format,
-            "arch": model.arch,
-            "arch_config": model.arch_config,
-        }
+        path = inputs / f"{model.id}{MODEL_SUFFIX.get(model.format, '')}"
+        download(storage, model.storage_key, path)
+        models[model_id] = ModelInput(str(path), model.format, model.arch, model.arch_config)
     dataset = session.scalar(
         select(Dataset).where(Dataset.id == spec.dataset_id, Dataset.tenant_id == job.tenant_id)
     )
@@ -193,19 +190,18 @@ def _prepare(
     # The engine reads the format from the file name.
     data_path = inputs / f"dataset.{dataset.format}"
     download(storage, dataset.storage_key, data_path)
-    return {
-        "engine": engine,
-        "spec": job.spec,
-        "models": models,
-        "dataset": str(data_path),
-        "dataset_options": dict(dataset.options or {}),
-        # The engine stages its artifacts beside out_dir: the whole of output/ is the job's.
-        "out_dir": str(work / "output" / f"out-{job.attempt}"),
-        "work_dir": str(work / "checkpoints"),
-        "scratch": str(work / "scratch"),
-        "caged": isolation.caged,
-        "max_seconds": spec.training.max_minutes * 60,
-    }
+    return JobPayload(
+        engine=engine,
+        spec=job.spec,
+        models=models,
+        dataset=str(data_path),
+        dataset_options=dict(dataset.options or {}),
+        out_dir=str(work / "output" / f"out-{job.attempt}"),
+        work_dir=str(work / "checkpoints"),
+        scratch=str(work / "scratch"),
+        caged=isolation.caged,
+        max_seconds=spec.training.max_minutes * 60,
+    )
 
 
 # --- the child and its supervision -----------------------------------------------------------
@@ -214,7 +210,7 @@ def _prepare(
 def _supervise(
     job_id: str,
     owner: str,
-    payload: dict[str, Any],
+    payload: JobPayload,
     settings: Settings,
     session_factory: sessionmaker[Session],
     storage: Storage,
@@ -222,9 +218,9 @@ def _supervise(
     proc = _start_child(payload, settings.isolation)
     channel = _MessageChannel(proc)
     watch = _Watch()
-    work_dir = Path(payload["work_dir"])
+    work_dir = Path(payload.work_dir)
     started = time.monotonic()
-    deadline = started + payload["max_seconds"] + TIMEOUT_SLACK_SECONDS
+    deadline = started + payload.max_seconds + TIMEOUT_SLACK_SECONDS
     next_poll = next_beat = next_progress = next_scan = started
     eof, eof_at = False, 0.0
     try:
@@ -286,35 +282,29 @@ def _supervise(
                 proc.wait(5)
         channel.close()
     returncode = proc.poll()
-    if returncode is not None and payload.get("caged"):
+    if returncode is not None and payload.caged:
         returncode = cage.exit_status(returncode)
     watch.exitcode = returncode
     return watch
 
 
-def _start_child(payload: dict[str, Any], isolation: Isolation) -> subprocess.Popen[bytes]:
+def _start_child(payload: JobPayload, isolation: Isolation) -> subprocess.Popen[bytes]:
     """Start the job process, caged when the worker has a cage, and hand it its payload."""
     argv = [sys.executable, "-m", "worker.child"]
     env: dict[str, str] | None = None
-    scratch = Path(payload["scratch"])
-    scratch.mkdir(parents=True, exist_ok=True)
+    for folder in payload.written_folders():
+        folder.mkdir(parents=True, exist_ok=True)
     if isolation.caged:
-        writable = [Path(payload["work_dir"]), Path(payload["out_dir"]).parent]
-        if payload.get("tensorboard_dir"):
-            writable.append(Path(payload["tensorboard_dir"]))
-        for folder in [*writable, scratch]:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in payload.written_folders():
             cage.share_writable(folder)
-        inputs = Path(payload["dataset"]).parent
-        for path in inputs.iterdir():
+        for path in payload.inputs_dir.iterdir():
             cage.share_read_only(path)
-        engine_package = str(payload["engine"]).partition(":")[0].split(".")[0]
         argv = cage.command(
             argv,
-            scratch=scratch,
-            read_only=[inputs],
-            writable=writable,
-            code_packages=tuple(dict.fromkeys((*cage.PROJECT_PACKAGES, engine_package))),
+            scratch=Path(payload.scratch),
+            read_only=[payload.inputs_dir],
+            writable=[f for f in payload.written_folders() if f != Path(payload.scratch)],
+            code_packages=tuple(dict.fromkeys((*cage.PROJECT_PACKAGES, payload.engine_package))),
         )
     else:
         env = dict(os.environ)
@@ -324,11 +314,11 @@ def _start_child(payload: dict[str, Any], isolation: Isolation) -> subprocess.Po
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
-        cwd=scratch,
+        cwd=payload.scratch,
         start_new_session=True,  # a signal to the worker's group does not reach the job
     )
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps(payload).encode() + b"\n")
+    proc.stdin.write(payload.to_json().encode() + b"\n")
     proc.stdin.flush()
     return proc
 
@@ -357,7 +347,7 @@ class _MessageChannel:
         self._proc = proc
         self._buffer = b""
 
-    def receive(self, timeout: float) -> list[dict[str, Any]]:
+    def receive(self, timeout: float) -> list[Message]:
         """The complete messages that arrived within ``timeout``; EOFError once it is closed."""
         ready, _, _ = io_select.select([self._fd], [], [], timeout)
         if not ready:
@@ -381,9 +371,10 @@ class _MessageChannel:
                 raise ChildMessageError(
                     "the job process sent a line that is not JSON (or holds NaN or Infinity)"
                 ) from None
-            if not isinstance(message, dict):
-                raise ChildMessageError("the job process sent a message that is not an object")
-            messages.append(message)
+            try:
+                messages.append(protocol.decode(message))
+            except ValueError as exc:
+                raise ChildMessageError(f"the job process sent a bad message: {exc}") from None
         return messages
 
     def close(self) -> None:
@@ -405,30 +396,27 @@ def _escalate(proc: subprocess.Popen[bytes], watch: _Watch, now: float) -> None:
 
 
 def _handle(
-    message: dict[str, Any],
+    message: Message,
     job_id: str,
     owner: str,
     watch: _Watch,
     session_factory: sessionmaker[Session],
 ) -> None:
-    kind = message.get("kind")
-    if kind == "outcome":
+    if isinstance(message, Outcome):
         watch.outcome = message
-    elif kind == "error":
-        watch.error = message.get("error") or {"code": "internal", "message": "unknown error"}
-    elif kind == "event":
-        event_type, data = message.get("type"), message.get("data") or {}
-        if event_type == "progress":
-            watch.pending_progress = data  # written at most once a second
-        elif event_type == "metrics":
-            with session_factory() as session:
-                if _owned_update(session, job_id, owner, metrics=data):
-                    add_event(session, job_id, "metrics", data)
-                session.commit()
-        elif event_type == "log":
-            with session_factory() as session:
-                add_event(session, job_id, "log", data)
-                session.commit()
+    elif isinstance(message, Failure):
+        watch.error = message.error
+    elif message.type == "progress":
+        watch.pending_progress = message.data  # written at most once a second
+    elif message.type == "metrics":
+        with session_factory() as session:
+            if _owned_update(session, job_id, owner, metrics=message.data):
+                add_event(session, job_id, "metrics", message.data)
+            session.commit()
+    elif message.type == "log":
+        with session_factory() as session:
+            add_event(session, job_id, "log", message.data)
+            session.commit()
 
 
 def _owned_update(session: Session, job_id: str, owner: str, **values: Any) -> bool:
@@ -478,18 +466,16 @@ def _sample_memory(pid: int | None, watch: _Watch) -> None:
         watch.last_available = psutil.virtual_memory().available
 
 
-def _written_bytes(payload: dict[str, Any]) -> int:
-    folders = [payload["work_dir"], str(Path(payload["out_dir"]).parent), payload["scratch"]]
-    folders += [payload["tensorboard_dir"]] if payload.get("tensorboard_dir") else []
+def _written_bytes(payload: JobPayload) -> int:
     total = 0
-    for folder in folders:
-        for path in Path(folder).rglob("*"):
+    for folder in payload.written_folders():
+        for path in folder.rglob("*"):
             with suppress(OSError):
                 total += path.lstat().st_size
     return total
 
 
-def _over_disk(payload: dict[str, Any], settings: Settings) -> bool:
+def _over_disk(payload: JobPayload, settings: Settings) -> bool:
     return _written_bytes(payload) > settings.job_disk_mb * 2**20
 
 
@@ -530,7 +516,7 @@ def _settle(
     owner: str,
     attempt: int,
     watch: _Watch,
-    payload: dict[str, Any],
+    payload: JobPayload,
     session_factory: sessionmaker[Session],
     storage: Storage,
     settings: Settings,
@@ -543,7 +529,7 @@ def _settle(
         if watch.stop_reason == "cancel":
             return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
         if watch.stop_reason == "timeout":
-            minutes = payload["max_seconds"] / 60
+            minutes = payload.max_seconds / 60
             error = JobTimeout(
                 f"the job ran longer than training.max_minutes ({minutes:g}); raise max_minutes "
                 "or use fewer epochs or a smaller student"
@@ -599,14 +585,14 @@ def _succeed(
     job_id: str,
     owner: str,
     attempt: int,
-    outcome: dict[str, Any],
-    payload: dict[str, Any],
+    outcome: Outcome,
+    payload: JobPayload,
     storage: Storage,
 ) -> str:
-    out_dir = Path(payload["out_dir"]).resolve()
+    out_dir = Path(payload.out_dir).resolve()
     uploaded: list[NewArtifact] = []
     try:
-        for item in outcome.get("artifacts", []):
+        for item in outcome.artifacts:
             path = Path(item["path"]).resolve()
             if not path.is_relative_to(out_dir) or not path.is_file():
                 raise RuntimeError(f"the engine named an artifact outside its folder: {path}")
@@ -621,7 +607,7 @@ def _succeed(
                     storage_key=blob.key,
                 )
             )
-        if finish_job(session, job_id, owner, outcome.get("result") or {}, uploaded):
+        if finish_job(session, job_id, owner, outcome.result, uploaded):
             return "succeeded"
     except BaseException:
         _delete_blobs(storage, uploaded)
