@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.distill.formats import check_exported_program_archive, safetensors_metadata
+from core.distill.formats import (
+    check_exported_program_archive,
+    check_torchscript_archive,
+    safetensors_metadata,
+)
+from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher
 from core.errors import InvalidSpec, ModelInvalid
 from core.spec import ModelInfo, TensorInfo
@@ -455,6 +460,7 @@ def _load_exported_program(
         ep = torch.export.load(str(file.path))
     except Exception as exc:  # torch raises many types for a damaged archive
         raise ModelInvalid(f"the torch.export archive cannot be loaded: {exc}") from None
+    check_exported_program(ep)  # before anything runs the graph
     inputs = [
         _fake_info(n.meta.get("val"))
         for n in ep.graph.nodes
@@ -487,10 +493,12 @@ def _load_exported_program(
 def _load_torchscript(
     file: ModelFile, device: torch.device, input_shape: Sequence[int | None] | None
 ) -> TorchScriptTeacher:
+    check_torchscript_archive(file.path)
     try:
         module = torch.jit.load(str(file.path), map_location=device)
     except Exception as exc:
         raise ModelInvalid(f"the TorchScript archive cannot be loaded: {exc}") from None
+    check_torchscript(module)  # before anything runs the module
     info = ModelInfo(
         format="torchscript",
         inputs=[input_info(module, input_shape)],

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -10,16 +14,24 @@ import onnx
 import pytest
 import torch
 
-from core.distill.formats import check_exported_program_archive, detect_format
+from core.distill.formats import (
+    check_archive_names,
+    check_exported_program_archive,
+    detect_format,
+)
+from core.distill.students import _load_trainable
 from core.distill.teachers import load_teacher
 from core.distill.types import ModelFile
 from core.errors import ModelInvalid, UnsafeModelFile
 from tests.conftest import DigitsCNN
 from tests.core.model_files import (
     save_all_formats,
+    save_duplicate_config_attack,
+    save_load_time_writer,
     save_malicious_pickle,
     save_malicious_torch_save,
     save_pickled_model,
+    save_shape_expression_attack,
 )
 
 
@@ -135,16 +147,22 @@ def test_an_export_archive_carrying_a_malicious_pickle_is_refused(
     assert not marker.exists()
 
 
-def test_an_export_archive_with_pickled_weights_is_refused(
+def test_an_export_archive_with_malicious_pickled_weights_is_refused(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
+    """A weight stored with use_pickle is unpickled by torch.export.load: only tensors pass."""
+    marker = tmp_path / "unpickled"
+    evil = save_malicious_torch_save(tmp_path / "evil.pt", marker).read_bytes()
     with zipfile.ZipFile(files["exported_program"]) as zf:
         name = next(n for n in zf.namelist() if n.endswith("model_weights_config.json"))
         config = zf.read(name).replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+    step = tmp_path / "step.pt2"
+    _replace_member(files["exported_program"], step, "model_weights_config.json", config)
     path = tmp_path / "model.pt2"
-    _replace_member(files["exported_program"], path, "model_weights_config.json", config)
-    with pytest.raises(UnsafeModelFile, match="pickled Python object"):
+    _replace_member(step, path, "data/weights/weight_0", evil)
+    with pytest.raises(UnsafeModelFile, match="is a pickle that calls"):
         check_exported_program_archive(path)
+    assert not marker.exists()
 
 
 def test_a_normal_export_archive_passes_the_pickle_check(files: dict[str, Path]) -> None:
@@ -153,3 +171,127 @@ def test_a_normal_export_archive_passes_the_pickle_check(files: dict[str, Path])
     with zipfile.ZipFile(files["exported_program"]) as zf:
         inner = [n for n in zf.namelist() if "sample_inputs" in n]
         assert inner and zipfile.is_zipfile(io.BytesIO(zf.read(inner[0])))
+
+
+# --- the second wall: archives read exactly as torch reads them ----------------------------------
+
+
+def test_a_duplicate_config_entry_is_refused_before_anything_is_unpickled(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Attack 3 of issue 14: torch reads the first of two equal names, zipfile the last."""
+    marker = tmp_path / "unpickled"
+    path = save_duplicate_config_attack(files["exported_program"], tmp_path / "m.pt2", marker)
+    with pytest.raises(UnsafeModelFile, match="model_constants_config.json' twice"):
+        detect_format(path)
+    with pytest.raises(UnsafeModelFile, match="model_constants_config.json' twice"):
+        load_teacher(ModelFile(path, "exported_program"))
+    with pytest.raises(UnsafeModelFile, match="twice"):
+        _load_trainable(ModelFile(path, "exported_program"), [1, 8, 8], "float32", 10)
+    assert not marker.exists()
+    # The archive is a live attack: plain torch.export.load runs the pickle.
+    with contextlib.suppress(Exception):
+        torch.export.load(str(path))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("names", "words"),
+    [
+        (["m/a", "m/a"], "'a' twice"),
+        (["m/data/x.json", "m/DATA/X.json"], "twice"),
+        (["m/caf\u00e9", "m/cafe\u0301"], "twice"),
+        (["m/a/./b"], "not a plain relative path"),
+        (["m/a/../b"], "not a plain relative path"),
+        (["m/a//b"], "not a plain relative path"),
+        (["m/a\\b"], "not a plain relative path"),
+        (["/m/a"], "not a plain relative path"),
+        (["m/a\x00b"], "not a plain relative path"),
+    ],
+)
+def test_colliding_or_unusual_entry_names_are_refused(names: list[str], words: str) -> None:
+    with pytest.raises(UnsafeModelFile, match=re.escape(words)):
+        check_archive_names([n.split("/", 1)[1] if n[0] != "/" else n for n in names])
+
+
+def test_a_case_variant_of_an_entry_name_is_refused_in_an_archive(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """torch's reader looks names up ignoring case: the variant could be the one it reads."""
+    with zipfile.ZipFile(files["exported_program"]) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("model_constants_config.json"))
+    path = tmp_path / "m.pt2"
+    shutil.copy(files["exported_program"], path)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(name.replace("model_constants", "MODEL_constants"), b'{"config": {}}')
+    with pytest.raises(UnsafeModelFile, match="twice"):
+        detect_format(path)
+    with pytest.raises(UnsafeModelFile, match="twice"):
+        check_exported_program_archive(path)
+
+
+@pytest.mark.parametrize(
+    "entry", ["data/aotinductor/model/model.so", "data/weights/model.pt", "xl_model_weights/a"]
+)
+def test_export_archive_entries_torch_export_save_never_writes_are_refused(
+    files: dict[str, Path], tmp_path: Path, entry: str
+) -> None:
+    path = tmp_path / "m.pt2"
+    shutil.copy(files["exported_program"], path)
+    with zipfile.ZipFile(path, "a") as zf:
+        prefix = zf.namelist()[0].split("/", 1)[0]
+        zf.writestr(f"{prefix}/{entry}", b"\x7fELF")
+    with pytest.raises(UnsafeModelFile, match=f"entry '{re.escape(entry)}'"):
+        check_exported_program_archive(path)
+
+
+def test_an_opaque_object_pickle_is_checked_like_any_pickle(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    config = {
+        "config": {"obj": {"path_name": "opaque_obj_0", "use_pickle": True, "tensor_meta": None}}
+    }
+    step = tmp_path / "step.pt2"
+    _replace_member(
+        files["exported_program"],
+        step,
+        "model_constants_config.json",
+        json.dumps(config).encode(),
+    )
+    path = tmp_path / "m.pt2"
+    shutil.copy(step, path)
+    with zipfile.ZipFile(path, "a") as zf:
+        prefix = zf.namelist()[0].split("/", 1)[0]
+        payload = save_malicious_pickle(tmp_path / "evil.pkl", marker).read_bytes()
+        zf.writestr(f"{prefix}/data/constants/opaque_obj_0", payload)
+    with pytest.raises(UnsafeModelFile, match="is a pickle that calls"):
+        load_teacher(ModelFile(path, "exported_program"))
+    assert not marker.exists()
+
+
+def test_a_shape_expression_that_is_python_code_is_refused(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """torch.export.load hands shape expressions to sympy.sympify, which evaluates Python."""
+    marker = tmp_path / "evaluated"
+    path = save_shape_expression_attack(files["exported_program"], tmp_path / "m.pt2", marker)
+    with pytest.raises(UnsafeModelFile, match="not a plain sympy expression"):
+        load_teacher(ModelFile(path, "exported_program"))
+    assert not marker.exists()
+    with contextlib.suppress(Exception):
+        torch.export.load(str(path))
+    assert marker.exists()  # the archive is a live attack
+
+
+def test_torchscript_that_runs_code_while_loading_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "target.bin"
+    path = save_load_time_writer(tmp_path / "m.pt", target, 8)
+    target.write_bytes(b"original bytes")
+    with pytest.raises(UnsafeModelFile, match="__setstate__"):
+        load_teacher(ModelFile(path, "torchscript"))
+    with pytest.raises(UnsafeModelFile, match="__setstate__"):
+        _load_trainable(ModelFile(path, "torchscript"), [1, 8, 8], "float32", 10)
+    assert target.read_bytes() == b"original bytes"
+    torch.jit.load(str(path))
+    assert target.read_bytes() == b"AAAAAAAA bytes"  # plain torch.jit.load writes it
