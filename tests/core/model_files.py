@@ -272,3 +272,36 @@ def save_shape_expression_attack(src: Path, dst: Path, marker: Path) -> Path:
         return [(name, (text[:start] + code.replace('"', '\\"') + text[end:]).encode())]
 
     return _rewrite_archive(src, dst, change)
+
+
+class _ExportedReader(nn.Module):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        data = torch.ops.aten.from_file(self.path, shared=False, size=64, dtype=torch.uint8)
+        return self.head(x + data.float().reshape(1, 1, 8, 8))
+
+
+def save_exported_file_reader(path: Path, target: Path) -> Path:
+    """A torch.export archive whose graph calls ``aten::from_file`` on ``target``.
+
+    torch.export needs a shape function to capture the operator; one is registered only while
+    exporting. The saved archive loads and runs in any process.
+    """
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        lib.impl(
+            "from_file",
+            lambda filename, shared=None, size=0, **kw: torch.empty(
+                size, dtype=kw.get("dtype"), device="meta"
+            ),
+            "Meta",
+        )
+        example = torch.zeros(2, 1, 8, 8)
+        torch.export.save(torch.export.export(_ExportedReader(str(target)), (example,)), str(path))
+    finally:
+        lib._destroy()
+    return Path(path)
