@@ -15,6 +15,7 @@ import re
 import struct
 import unicodedata
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -198,13 +199,17 @@ def _looks_like_onnx(path: Path) -> bool:
 
 
 def check_onnx_single_file(path: Path) -> None:
-    """Refuse an ONNX model whose tensors live in other files, without reading those files."""
+    """Refuse an ONNX model whose tensors live in other files, without reading those files.
+
+    Every tensor of the model counts: initializers and sparse initializers (values and
+    indices), tensor and sparse-tensor attributes, in the main graph, in subgraphs (If, Loop,
+    Scan bodies, nested), in functions and in training graphs.
+    """
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
 
     model = onnx.load(str(path), load_external_data=False)
-    for tensor in _get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    for tensor in _onnx_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         pure = PurePosixPath(location.replace("\\", "/"))
@@ -217,6 +222,26 @@ def check_onnx_single_file(path: Path) -> None:
             f"the ONNX model keeps tensor '{tensor.name}' in an external file ('{location}'), "
             f"which an upload cannot carry; {ONNX_SINGLE_FILE}"
         )
+
+
+def _onnx_tensors(message: Any) -> Iterator[Any]:
+    """Every TensorProto anywhere in an ONNX message, found by walking all its fields."""
+    import onnx
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, onnx.TensorProto):
+            yield item
+            continue
+        for field, value in item.ListFields():
+            if field.type != FieldDescriptor.TYPE_MESSAGE:
+                continue
+            if field.is_repeated:  # ONNX has no map fields
+                stack.extend(value)
+            else:
+                stack.append(value)
 
 
 def check_archive_names(names: list[str], what: str = "the archive") -> None:
