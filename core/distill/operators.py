@@ -52,6 +52,7 @@ _STRUCTURAL = {
     "prim::Loop",
     "prim::Return",
     "prim::GetAttr",
+    "prim::SetAttr",
     "prim::CallMethod",
     "prim::TupleConstruct",
     "prim::TupleUnpack",

@@ -114,3 +114,16 @@ def test_the_built_in_architectures_pass_in_both_graph_formats(
     check_exported_program(
         torch.export.load(str(save_exported_program(model, tmp_path / "m.pt2", example)))
     )
+
+
+@pytest.mark.parametrize("mode", ["dynamic_int8", "static_int8", "fp16"])
+def test_the_services_own_quantized_torchscript_exports_pass(tmp_path: Path, mode: str) -> None:
+    """A compressed artifact, downloaded and uploaded again as a teacher, is accepted."""
+    from core.distill.compress import quantize
+    from core.distill.formats import check_torchscript_archive
+
+    model = build_architecture("mlp", {"input_shape": [1, 8, 8], "output_dim": 10}).eval()
+    quantized = quantize(model, mode, calibration=torch.rand(16, 1, 8, 8))
+    path = save_torchscript(quantized, tmp_path / "q.pt", torch.rand(2, 1, 8, 8))
+    check_torchscript_archive(path)
+    check_torchscript(torch.jit.load(str(path)))
