@@ -45,7 +45,9 @@ _DENIED = {
     "prim::profile",
     "prim::profile_ivalue",
 }
-# Nodes of TorchScript graphs that are no registered operator but the language itself.
+# Nodes of TorchScript graphs that are no registered operator but the language itself. Calls
+# (prim::CallMethod, prim::CallFunction) are inlined before the walk; one left over goes through
+# an interface, whose target the walk cannot follow, and is refused.
 _STRUCTURAL = {
     "prim::Constant",
     "prim::If",
@@ -53,7 +55,6 @@ _STRUCTURAL = {
     "prim::Return",
     "prim::GetAttr",
     "prim::SetAttr",
-    "prim::CallMethod",
     "prim::TupleConstruct",
     "prim::TupleUnpack",
     "prim::TupleIndex",
