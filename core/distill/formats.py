@@ -493,6 +493,8 @@ _SYMPY_NAMES = {
     ],
 }
 _SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d+")
+_SYMBOL_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_FLOAT_STRING = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
 _SYMPY_NODES = (
     ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.UnaryOp,
     ast.BinOp, ast.Compare, ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
@@ -529,6 +531,9 @@ def _is_sympy_expression(expr: Any) -> bool:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError):
         return False
+    # sympy functions sympify string arguments (evaluating them): a string may only be the name
+    # of a Symbol or the digits of a Float.
+    names: set[int] = set()
     for node in ast.walk(tree):
         if not isinstance(node, _SYMPY_NODES):
             return False
@@ -536,10 +541,22 @@ def _is_sympy_expression(expr: Any) -> bool:
             node.id in _SYMPY_NAMES or _SYMBOL_NAME.fullmatch(node.id)
         ):
             return False
-        if isinstance(node, ast.Call) and not (
-            isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES
-        ):
-            return False
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES):
+                return False
+            first = node.args[0] if node.args else None
+            pattern = _SYMBOL_STRING if node.func.id in ("Symbol", "Dummy") else _FLOAT_STRING
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                if node.func.id not in ("Symbol", "Dummy", "Float"):
+                    return False
+                if not pattern.fullmatch(first.value):
+                    return False
+                names.add(id(first))
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in names:
+                return False
+            if not isinstance(node.value, (str, int, float, bool, type(None))):
+                return False
     return True
 
 

@@ -363,3 +363,26 @@ def test_onnx_external_data_is_found_in_sparse_tensors_subgraphs_and_functions(
     path.write_bytes(_onnx_with(place, "weights.bin").SerializeToString())
     with pytest.raises(ModelInvalid, match="save_as_external_data=False"):
         detect_format(path)
+
+
+@pytest.mark.parametrize(
+    ("expr", "plain"),
+    [
+        ("Symbol('s31', positive=True, integer=True)", True),
+        ("Mul(Integer(64), Symbol('s31', positive=True, integer=True))", True),
+        ("FloorDiv(Symbol('s0', integer=True), Integer(2))", True),
+        ("Add(Float('0.5', precision=53), Integer(-1))", True),
+        ("s0*64 + 1", True),
+        ("__import__('os').system('id')", False),
+        ("floor(\"__import__('os').system('id')\")", False),
+        ("Max(Integer(1), \"__import__('os').system('id')\")", False),
+        ("Symbol('s0').__class__", False),
+        ("Symbol(\"__import__('os')\")", False),
+        ("(lambda: 1)()", False),
+        ("eval('1')", False),
+    ],
+)
+def test_only_plain_sympy_shape_expressions_pass(expr: str, plain: bool) -> None:
+    from core.distill.formats import _is_sympy_expression
+
+    assert _is_sympy_expression(expr) is plain
