@@ -408,10 +408,17 @@ def _check_payload(
 
 
 def _check_tensor_pickle(data: bytes, where: str, raw: bool = False) -> None:
-    """A torch.save payload (or, ``raw``, one pickle) may only rebuild plain tensors."""
+    """A torch.save zip payload (or, ``raw``, one pickle) may only rebuild plain tensors."""
     if not data:
         return
-    if data[:2] == b"PK" and not raw:
+    if not raw and data[:4] != b"PK\x03\x04":
+        # torch.load reads other bytes as its legacy formats, a tar archive among them, whose
+        # inner pickle a check of the outer bytes would not see.
+        raise UnsafeModelFile(
+            f"'{where}' in the archive is not a torch.save zip archive (older torch.save "
+            "formats are not loaded); export the model again with a current torch"
+        )
+    if not raw:
         reader, names = _open_torch_archive(data, f"'{where}' in the archive")
         for name in names:
             if not _TORCH_SAVE_LAYOUT.fullmatch(name):

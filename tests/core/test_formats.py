@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 import re
 import shutil
 import zipfile
@@ -386,3 +387,14 @@ def test_only_plain_sympy_shape_expressions_pass(expr: str, plain: bool) -> None
     from core.distill.formats import _is_sympy_expression
 
     assert _is_sympy_expression(expr) is plain
+
+
+def test_sample_inputs_in_a_legacy_torch_save_format_are_refused(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """torch.load reads non-zip bytes as legacy formats (a tar among them) with inner pickles."""
+    path = tmp_path / "model.pt2"
+    legacy = pickle.dumps((torch.zeros(2),), protocol=2)
+    _replace_member(files["exported_program"], path, "data/sample_inputs/model.pt", legacy)
+    with pytest.raises(UnsafeModelFile, match="not a torch.save zip archive"):
+        check_exported_program_archive(path)
