@@ -207,7 +207,13 @@ def check_onnx_single_file(path: Path) -> None:
     """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    check_onnx_tensors(onnx.load(str(path), load_external_data=False))
+
+
+def check_onnx_tensors(model: Any) -> None:
+    """:func:`check_onnx_single_file` on a model already parsed (without its external data)."""
+    import onnx
+
     for tensor in _onnx_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
             continue

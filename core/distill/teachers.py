@@ -28,6 +28,7 @@ from torch import nn
 
 from core.distill.formats import (
     check_exported_program_archive,
+    check_onnx_tensors,
     check_torchscript_archive,
     safetensors_metadata,
 )
@@ -236,6 +237,7 @@ class OnnxTeacher:
         import onnx
 
         self.model = onnx.load(str(path), load_external_data=False)
+        check_onnx_tensors(self.model)  # again in jobs: the file may predate the upload check
         self.batch_size = batch_size
         self.size_bytes = Path(path).stat().st_size
         graph = self.model.graph

@@ -361,6 +361,9 @@ def test_onnx_external_data_is_found_in_sparse_tensors_subgraphs_and_functions(
     path.write_bytes(model.SerializeToString())
     with pytest.raises(ModelInvalid, match="outside the model's folder; it was not read"):
         detect_format(path)
+    # The job's loader checks again (a file stored before this check existed).
+    with pytest.raises(ModelInvalid, match="outside the model's folder; it was not read"):
+        load_teacher(ModelFile(path, "onnx"))
     path.write_bytes(_onnx_with(place, "weights.bin").SerializeToString())
     with pytest.raises(ModelInvalid, match="save_as_external_data=False"):
         detect_format(path)
