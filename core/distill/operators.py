@@ -161,10 +161,16 @@ def check_torchscript(module: Any) -> None:
 
 
 def _script_nodes(nodes: Any) -> Iterator[Any]:
+    """Every node, in nested blocks and in the subgraphs some nodes hold as attributes."""
     for node in nodes:
         yield node
         for block in node.blocks():
             yield from _script_nodes(block.nodes())
+        for name in node.attributeNames():
+            kind = node.kindOf(name)
+            graphs = [node.g(name)] if kind == "g" else node.gs(name) if kind == "gs" else []
+            for graph in graphs:
+                yield from _script_nodes(graph.nodes())
 
 
 # --- torch.export ------------------------------------------------------------------------------

@@ -127,3 +127,18 @@ def test_the_services_own_quantized_torchscript_exports_pass(tmp_path: Path, mod
     path = save_torchscript(quantized, tmp_path / "q.pt", torch.rand(2, 1, 8, 8))
     check_torchscript_archive(path)
     check_torchscript(torch.jit.load(str(path)))
+
+
+def test_the_walk_enters_subgraphs_held_as_node_attributes() -> None:
+    """Fusion and differentiable-graph nodes keep their body as an attribute, not a block."""
+    from core.distill.operators import _script_nodes
+
+    graph, body = torch._C.Graph(), torch._C.Graph()
+    body.appendNode(body.create("aten::from_file", 0))
+    holder = graph.create("prim::DifferentiableGraph", 0)
+    holder.g_("Subgraph", body)
+    graph.appendNode(holder)
+    assert [n.kind() for n in _script_nodes(graph.nodes())] == [
+        "prim::DifferentiableGraph",
+        "aten::from_file",
+    ]
