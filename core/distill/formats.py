@@ -378,7 +378,10 @@ def check_exported_program_archive(path: Path) -> None:
     for name in names:
         if name.endswith(("_weights_config.json", "_constants_config.json")):
             folder = name.rsplit("/", 1)[0] + "/"
-            for fqn, meta in _json_record(reader, name, what).get("config", {}).items():
+            config = _json_record(reader, name, what).get("config", {})
+            if not isinstance(config, dict):
+                raise ModelInvalid(f"'{name}' in {what} has no config object")
+            for fqn, meta in config.items():
                 _check_payload(reader, present, folder, str(fqn), meta, what)
         elif name.startswith("models/"):
             _check_sympy_expressions(_json_record(reader, name, what), name)
