@@ -7,12 +7,17 @@ opcode (:mod:`pickletools` reads them without running them).
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import pickletools
+import re
 import struct
+import unicodedata
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from core.errors import ModelInvalid, UnsafeModelFile
 
@@ -97,6 +102,7 @@ def _sniff_zip(path: Path) -> str:
             f"the file starts like a zip archive but cannot be read ({exc}); it may be "
             "truncated: upload it again"
         ) from None
+    check_archive_names(names)
     parts = [PurePosixPath(n).parts for n in names]
     inner = {"/".join(p[1:]) for p in parts if len(p) > 1}
     if any(n.startswith("models/") and n.endswith(".json") for n in inner):
@@ -193,13 +199,23 @@ def _looks_like_onnx(path: Path) -> bool:
 
 
 def check_onnx_single_file(path: Path) -> None:
-    """Refuse an ONNX model whose tensors live in other files, without reading those files."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
+    """Refuse an ONNX model whose tensors live in other files, without reading those files.
 
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in _get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    Every tensor of the model counts: initializers and sparse initializers (values and
+    indices), tensor and sparse-tensor attributes, in the main graph, in subgraphs (If, Loop,
+    Scan bodies, nested), in functions and in training graphs.
+    """
+    import onnx
+
+    check_onnx_tensors(onnx.load(str(path), load_external_data=False))
+
+
+def check_onnx_tensors(model: Any) -> None:
+    """:func:`check_onnx_single_file` on a model already parsed (without its external data)."""
+    import onnx
+
+    for tensor in _onnx_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         pure = PurePosixPath(location.replace("\\", "/"))
@@ -214,44 +230,213 @@ def check_onnx_single_file(path: Path) -> None:
         )
 
 
-def check_exported_program_archive(path: Path) -> None:
-    """Refuse a torch.export archive that would unpickle arbitrary Python objects on load.
+def _onnx_tensors(message: Any) -> Iterator[Any]:
+    """Every TensorProto anywhere in an ONNX message, found by walking all its fields."""
+    import onnx
+    from google.protobuf.descriptor import FieldDescriptor
 
-    ``torch.export.load`` unpickles tensor-subclass weights, custom objects and the sample
-    inputs; a normal export has plain tensor weights and a sample-input pickle that only
-    rebuilds tensors, which is checked here opcode by opcode without running it.
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, onnx.TensorProto):
+            yield item
+            continue
+        for field, value in item.ListFields():
+            if field.type != FieldDescriptor.TYPE_MESSAGE:
+                continue
+            if field.is_repeated:  # ONNX has no map fields
+                stack.extend(value)
+            else:
+                stack.append(value)
+
+
+def check_archive_names(names: list[str], what: str = "the archive") -> None:
+    """Refuse entry names that two zip readers could take for different entries.
+
+    torch's reader (miniz) finds an entry by a case-insensitive search and returns whichever
+    of two equal names it meets, where Python's ``zipfile`` takes the last: an archive with
+    two entries of one name (or of names equal but for case or Unicode normalisation) could
+    pass a check that reads one and load the other. Names that are not plain relative paths
+    (``.``, ``..``, empty parts, backslashes, a leading ``/``, control characters) are refused
+    too: no writer torch ships produces them.
     """
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            inner = "/".join(PurePosixPath(name).parts[1:])
-            if inner.startswith("data/") and inner.endswith("_config.json"):
-                config = json.loads(zf.read(name)).get("config", {})
-                for fqn, meta in config.items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                        ("weight_", "tensor_")
-                    ):
-                        raise UnsafeModelFile(
-                            f"the torch.export archive stores '{fqn}' as a pickled Python "
-                            "object, which is never loaded; export a model whose weights and "
-                            "constants are plain tensors"
-                        )
-            elif inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".pt"):
-                raise UnsafeModelFile(
-                    f"the torch.export archive has a legacy pickled weights file ('{inner}'); "
-                    "save it again with torch.export.save from a current torch"
-                )
-            elif inner.startswith("data/sample_inputs/"):
-                _check_tensor_pickle(zf.read(name), inner)
+    seen: dict[str, str] = {}
+    for name in names:
+        parts = name.split("/")
+        if (
+            not name
+            or name.startswith("/")
+            or "\\" in name
+            or any(part in ("", ".", "..") for part in parts[:-1] + [parts[-1] or "x"])
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        ):
+            raise UnsafeModelFile(
+                f"{what} has an entry named {name!r}, which is not a plain relative path; "
+                "save the model again with torch.export.save or torch.jit.save"
+            )
+        key = unicodedata.normalize("NFC", name).casefold()
+        if key in seen:
+            same = "twice" if seen[key] == name else f"twice ({seen[key]!r} and {name!r})"
+            raise UnsafeModelFile(
+                f"{what} holds the entry {name!r} {same}; zip readers disagree on which copy "
+                "counts, so the file is refused. Save the model again with torch.export.save "
+                "or torch.jit.save"
+            )
+        seen[key] = name
 
 
-def _check_tensor_pickle(data: bytes, where: str) -> None:
-    if data[:2] == b"PK":
-        with zipfile.ZipFile(io.BytesIO(data)) as inner:
-            for name in inner.namelist():
-                if name.endswith(".pkl"):
-                    _check_tensor_pickle(inner.read(name), f"{where}:{name}")
-        return
+def _open_torch_archive(source: Path | bytes, what: str) -> tuple[Any, list[str]]:
+    """torch's own reader of a zip archive and its entry names (within the archive's folder).
+
+    The names are checked with :func:`check_archive_names` and must be the ones Python's
+    ``zipfile`` lists too (``torch.export.load`` falls back to ``zipfile`` for old archives).
+    """
+    import torch
+
+    buffer = io.BytesIO(source) if isinstance(source, bytes) else None
+    try:
+        reader = torch._C.PyTorchFileReader(buffer if buffer is not None else str(source))
+        names = list(reader.get_all_records())
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise ModelInvalid(
+            f"{what} cannot be read by torch's archive reader ({reason}); save it again with "
+            "torch.export.save or torch.jit.save"
+        ) from None
+    check_archive_names(names, what)
+    try:
+        with zipfile.ZipFile(buffer if buffer is not None else source) as zf:
+            listed = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelInvalid(f"{what} is not a readable zip archive ({exc})") from None
+    prefix = listed[0].split("/", 1)[0] + "/" if listed else ""
+    inner = [n[len(prefix) :] for n in listed]
+    if not all(n.startswith(prefix) for n in listed) or inner != names:
+        raise UnsafeModelFile(
+            f"{what} lists different entries to different zip readers; save the model again "
+            "with torch.export.save or torch.jit.save"
+        )
+    return reader, names
+
+
+def check_torchscript_archive(path: Path) -> None:
+    """Refuse a TorchScript archive that would run its own code while it is being loaded.
+
+    ``torch.jit.load`` calls the ``__setstate__`` method of every module and object that
+    defines one, before anything can look at the loaded graphs
+    (:func:`core.distill.operators.check_torchscript` walks them after loading). Models that
+    ``torch.jit.script`` writes from ordinary modules define none.
+    """
+    what = "the TorchScript archive"
+    reader, names = _open_torch_archive(Path(path), what)
+    for name in names:
+        if name.casefold().endswith(".py") and b"__setstate__" in reader.get_record(name):
+            raise UnsafeModelFile(
+                f"{what} defines __setstate__ in '{name}', code that would run while the model "
+                "is loaded; it is not loaded. Script a model without __getstate__/__setstate__"
+            )
+
+
+# Every entry torch.export.save (torch 2.13) writes in the archive's folder; anything else (an
+# AOTInductor library, ExecuTorch programs, legacy pickled weights) is refused.
+_EXPORT_LAYOUT = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/\w+\.json|extra/[\w.-]+"
+    r"|data/sample_inputs/\w+\.pt"
+    r"|data/weights/(weight_\d+|\w+_weights_config\.json)"
+    r"|data/constants/(tensor_\d+|opaque_obj_\d+|\w+_constants_config\.json)"
+)
+_PAYLOAD_NAME = re.compile(r"(weight|tensor|opaque_obj)_\d+")
+# Every entry of a torch.save archive; a TorchScript one (constants.pkl, code/) inside an export
+# archive would be handed to torch.jit.load.
+_TORCH_SAVE_LAYOUT = re.compile(
+    r"data\.pkl|byteorder|version|\.data/version|\.data/serialization_id|\.format_version"
+    r"|\.storage_alignment|data/\w+"
+)
+
+
+def check_exported_program_archive(path: Path) -> None:
+    """Refuse a torch.export archive that would run anything but torch's own code on load.
+
+    ``torch.export.load`` unpickles tensor-subclass weights, opaque constants and the sample
+    inputs, loads AOTInductor libraries, and hands symbolic-shape expressions to
+    ``sympy.sympify`` (which evaluates them as Python). A normal export has plain tensor
+    weights, a sample-input pickle that only rebuilds tensors, and sympy expressions built
+    from a few sympy classes: each is checked here on the bytes torch's reader returns, without
+    running them.
+    """
+    what = "the torch.export archive"
+    reader, names = _open_torch_archive(Path(path), what)
+    for name in names:
+        if not _EXPORT_LAYOUT.fullmatch(name):
+            raise UnsafeModelFile(
+                f"{what} has an entry '{name}' that torch.export.save does not write (compiled "
+                "libraries, pickled weights and other payloads are never loaded); export the "
+                "model again with torch.export.save"
+            )
+    present = set(names)
+    for name in names:
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            folder = name.rsplit("/", 1)[0] + "/"
+            config = _json_record(reader, name, what).get("config", {})
+            if not isinstance(config, dict):
+                raise ModelInvalid(f"'{name}' in {what} has no config object")
+            for fqn, meta in config.items():
+                _check_payload(reader, present, folder, str(fqn), meta, what)
+        elif name.startswith("models/"):
+            _check_sympy_expressions(_json_record(reader, name, what), name)
+        elif name.startswith("data/sample_inputs/"):
+            _check_tensor_pickle(reader.get_record(name), name)
+
+
+def _json_record(reader: Any, name: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(reader.get_record(name))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelInvalid(f"'{name}' in {what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelInvalid(f"'{name}' in {what} is not a JSON object")
+    return value
+
+
+def _check_payload(
+    reader: Any, present: set[str], folder: str, fqn: str, meta: Any, what: str
+) -> None:
+    path_name = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
+    record = folder + path_name
+    if not _PAYLOAD_NAME.fullmatch(path_name) or record not in present:
+        raise UnsafeModelFile(
+            f"{what} stores '{fqn}' as '{path_name}', which is not a tensor payload it holds; "
+            "export a model whose weights and constants are plain tensors"
+        )
+    if path_name.startswith("opaque_obj_"):
+        # torch.export.load runs pickle.loads on these: only tensor-rebuilding pickles pass.
+        _check_tensor_pickle(reader.get_record(record), record, raw=True)
+    elif meta.get("use_pickle"):
+        _check_tensor_pickle(reader.get_record(record), record)
+
+
+def _check_tensor_pickle(data: bytes, where: str, raw: bool = False) -> None:
+    """A torch.save zip payload (or, ``raw``, one pickle) may only rebuild plain tensors."""
     if not data:
+        return
+    if not raw and data[:4] != b"PK\x03\x04":
+        # torch.load reads other bytes as its legacy formats, a tar archive among them, whose
+        # inner pickle a check of the outer bytes would not see.
+        raise UnsafeModelFile(
+            f"'{where}' in the archive is not a torch.save zip archive (older torch.save "
+            "formats are not loaded); export the model again with a current torch"
+        )
+    if not raw:
+        reader, names = _open_torch_archive(data, f"'{where}' in the archive")
+        for name in names:
+            if not _TORCH_SAVE_LAYOUT.fullmatch(name):
+                raise UnsafeModelFile(
+                    f"'{where}' in the archive holds '{name}', which a tensor saved with "
+                    "torch.save does not; export the model again with plain tensor inputs"
+                )
+            if name.endswith(".pkl"):
+                _check_tensor_pickle(reader.get_record(name), f"{where}:{name}", raw=True)
         return
     for module, name in _pickle_globals(data, where):
         safe = (module, name) in _SAFE_PICKLE_GLOBALS or (
@@ -264,13 +449,147 @@ def _check_tensor_pickle(data: bytes, where: str) -> None:
             )
 
 
+# The names a sympy expression of a torch.export graph is built from (``srepr`` form).
+_SYMPY_NAMES = {
+    *[
+        "Symbol",
+        "Dummy",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "floor",
+        "ceiling",
+        "Integer",
+        "true",
+        "false",
+        "oo",
+        "zoo",
+        "nan",
+    ],
+    *[
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+    ],
+}
+_SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d+")
+_SYMBOL_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_FLOAT_STRING = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
+_SYMPY_NODES = (
+    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.UnaryOp,
+    ast.BinOp, ast.Compare, ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+)  # fmt: skip
+
+
+def _check_sympy_expressions(value: Any, where: str) -> None:
+    """Every ``expr_str`` of an exported graph must be a plain sympy expression.
+
+    ``torch.export.load`` passes them to ``sympy.sympify``, which evaluates a string as Python;
+    here each is parsed (not evaluated) and may only call sympy's expression classes.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            expr = item.get("expr_str")
+            if expr is not None and not _is_sympy_expression(expr):
+                shown = str(expr)[:80]
+                raise UnsafeModelFile(
+                    f"'{where}' in the torch.export archive has a shape expression that is not "
+                    f"a plain sympy expression ({shown!r}); it would run as Python code on "
+                    "load and is refused. Export the model again with torch.export.save"
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _is_sympy_expression(expr: Any) -> bool:
+    if not isinstance(expr, str) or len(expr) > 10_000:
+        return False
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+    # sympy functions sympify string arguments (evaluating them): a string may only be the name
+    # of a Symbol or the digits of a Float.
+    names: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, _SYMPY_NODES):
+            return False
+        if isinstance(node, ast.Name) and not (
+            node.id in _SYMPY_NAMES or _SYMBOL_NAME.fullmatch(node.id)
+        ):
+            return False
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES):
+                return False
+            first = node.args[0] if node.args else None
+            pattern = _SYMBOL_STRING if node.func.id in ("Symbol", "Dummy") else _FLOAT_STRING
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                if node.func.id not in ("Symbol", "Dummy", "Float"):
+                    return False
+                if not pattern.fullmatch(first.value):
+                    return False
+                names.add(id(first))
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in names:
+                return False
+            if not isinstance(node.value, (str, int, float, bool, type(None))):
+                return False
+    return True
+
+
 def _pickle_globals(data: bytes, where: str) -> list[tuple[str, str]]:
     """Every (module, name) a pickle imports, read from its opcodes without executing it."""
     found: list[tuple[str, str]] = []
     strings: list[str | None] = []  # values pushed, for STACK_GLOBAL
     memo: dict[int, str | None] = {}
+    end = 0
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            end = pos + 1
+            if op.name in ("EXT1", "EXT2", "EXT4"):  # imports through copyreg's registry
+                raise UnsafeModelFile(
+                    f"'{where}' in the archive is a pickle that imports through copyreg's "
+                    "extension registry; export the model again with plain tensor inputs"
+                )
             if op.name == "GLOBAL" or op.name == "INST":
                 module, _, name = str(arg).partition(" ")
                 found.append((module, name))
@@ -295,4 +614,10 @@ def _pickle_globals(data: bytes, where: str) -> list[tuple[str, str]]:
                 strings.append(None)
     except ValueError as exc:
         raise ModelInvalid(f"'{where}' in the archive is a damaged pickle ({exc})") from None
+    if end != len(data):
+        # torch.load's legacy format unpickles what follows the first pickle as well.
+        raise UnsafeModelFile(
+            f"'{where}' in the archive has {len(data) - end} bytes after its pickle; export the "
+            "model again with plain tensor inputs"
+        )
     return found

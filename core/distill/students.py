@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from core.distill.architectures import build_architecture, register_architecture
+from core.distill.formats import check_exported_program_archive, check_torchscript_archive
+from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher
 from core.errors import InvalidSpec, ModelInvalid, ShapeMismatch
 from core.spec import StudentSpec
@@ -402,10 +404,15 @@ def _load_trainable(
     """An uploaded student, ready to train (opened by the job's own process, never the API)."""
     fmt = model_file.format
     if fmt == "torchscript":
+        check_torchscript_archive(model_file.path)
         model: nn.Module = torch.jit.load(str(model_file.path), map_location="cpu")
+        check_torchscript(model)
     elif fmt == "exported_program":
+        check_exported_program_archive(model_file.path)
+        program = torch.export.load(str(model_file.path))
+        check_exported_program(program)
         # train/eval behaviour is frozen at export time; an optimizer still trains it.
-        model = torch.export.load(str(model_file.path)).module()
+        model = program.module()
     elif fmt == "safetensors":
         model = _load_safetensors(model_file)
     else:

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.distill.formats import check_exported_program_archive, safetensors_metadata
+from core.distill.formats import (
+    check_exported_program_archive,
+    check_onnx_tensors,
+    check_torchscript_archive,
+    safetensors_metadata,
+)
+from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher
 from core.errors import InvalidSpec, ModelInvalid
 from core.spec import ModelInfo, TensorInfo
@@ -231,6 +237,7 @@ class OnnxTeacher:
         import onnx
 
         self.model = onnx.load(str(path), load_external_data=False)
+        check_onnx_tensors(self.model)  # again in jobs: the file may predate the upload check
         self.batch_size = batch_size
         self.size_bytes = Path(path).stat().st_size
         graph = self.model.graph
@@ -455,6 +462,7 @@ def _load_exported_program(
         ep = torch.export.load(str(file.path))
     except Exception as exc:  # torch raises many types for a damaged archive
         raise ModelInvalid(f"the torch.export archive cannot be loaded: {exc}") from None
+    check_exported_program(ep)  # before anything runs the graph
     inputs = [
         _fake_info(n.meta.get("val"))
         for n in ep.graph.nodes
@@ -487,10 +495,12 @@ def _load_exported_program(
 def _load_torchscript(
     file: ModelFile, device: torch.device, input_shape: Sequence[int | None] | None
 ) -> TorchScriptTeacher:
+    check_torchscript_archive(file.path)
     try:
         module = torch.jit.load(str(file.path), map_location=device)
     except Exception as exc:
         raise ModelInvalid(f"the TorchScript archive cannot be loaded: {exc}") from None
+    check_torchscript(module)  # before anything runs the module
     info = ModelInfo(
         format="torchscript",
         inputs=[input_info(module, input_shape)],
