@@ -14,6 +14,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.jobs import RUNNING_STATUSES, TERMINAL_STATUSES
 from core.logging import close_context, open_context
 from core.models import JOB_STATUSES, Job, as_utc, utcnow
 
@@ -63,8 +64,6 @@ class JobsCollector(Collector):
 
 # Job run time, started → finished: seconds to a day.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
-FINISHED = ("succeeded", "failed", "cancelled")
-RUNNING = ("running", "cancelling")
 
 
 def _duration_seconds(dialect: str) -> Any:
@@ -120,7 +119,9 @@ class JobTimesCollector(Collector):
             with self.sessions() as session:
                 finished = self._durations(session)
                 beats = session.execute(
-                    select(Job.id, Job.heartbeat_at, Job.started_at).where(Job.status.in_(RUNNING))
+                    select(Job.id, Job.heartbeat_at, Job.started_at).where(
+                        Job.status.in_(RUNNING_STATUSES)
+                    )
                 ).all()
         except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
             log.warning("could not read job times for /metrics", exc_info=True)
@@ -147,7 +148,7 @@ class JobTimesCollector(Collector):
         rows = session.execute(
             select(Job.status, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
             .where(
-                Job.status.in_(FINISHED),
+                Job.status.in_(TERMINAL_STATUSES),
                 Job.started_at.is_not(None),
                 Job.finished_at.is_not(None),
             )

@@ -5,8 +5,9 @@
     DistillError                      internal         500
     ├── ClientError                   (4xx: the caller can fix it)
     │   ├── InvalidSpec               invalid_spec     422
-    │   ├── ShapeMismatch             shape_mismatch   422
-    │   ├── OverBudget                over_budget      422
+    │   │   ├── ShapeMismatch         shape_mismatch   422
+    │   │   └── OverBudget            over_budget      422
+    │   ├── InvalidRequest            invalid_request  422  (api/errors.py: a bad parameter)
     │   ├── UnsafeModelFile           unsafe_model_file 422
     │   ├── ModelInvalid              model_invalid    422
     │   ├── DatasetInvalid            dataset_invalid  422
@@ -17,6 +18,7 @@
     │   │   └── StorageQuotaExceeded  quota_exceeded   413
     │   ├── QuotaExceeded             quota_exceeded   429
     │   └── RangeNotSatisfiable       range_not_satisfiable 416
+    ├── NotReady                      not_ready        503  (api/errors.py)
     └── JobError                      (a job that ran and failed; the job's error.code)
         ├── TrainingDiverged          training_diverged
         ├── OutOfMemory               out_of_memory

@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from core.errors import Conflict
+from core.errors import Conflict, WorkerLost
 from core.models import (
     ACTIVE_STATUSES,
     Artifact,
@@ -119,16 +119,6 @@ def heartbeat(
     )
     session.commit()
     return alive
-
-
-def holds_lease(session: Session, job_id: str, owner: str) -> bool:
-    """Whether ``owner`` still runs this job (running or cancelling under its lease)."""
-    found = session.scalar(
-        select(Job.id).where(
-            Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATUSES)
-        )
-    )
-    return found is not None
 
 
 def request_cancel(session: Session, job: Job) -> Job:
@@ -301,14 +291,11 @@ def requeue_stale(
         )
         session.commit()
         return "requeued"
-    error = {
-        "code": "worker_lost",
-        "message": (
-            f"the worker running this job stopped (last heartbeat at {last}) on each of "
-            f"{job.attempt} attempts; it may need more memory than a worker has, or a smaller "
-            "batch_size or student"
-        ),
-    }
+    error = WorkerLost(
+        f"the worker running this job stopped (last heartbeat at {last}) on each of "
+        f"{job.attempt} attempts; it may need more memory than a worker has, or a smaller "
+        "batch_size or student"
+    ).to_dict()
     if not _transition(
         session, job_id, stale, {"status": "failed", "error": error, "finished_at": now, **cleared}
     ):

@@ -61,10 +61,6 @@ def bind_log_context(**values: str | None) -> None:
         current.update({k: str(v) for k, v in values.items() if v is not None})
 
 
-def current_context() -> dict[str, str]:
-    return dict(_context.get())
-
-
 class ContextFilter(logging.Filter):
     """Copies the log context onto each record (``record.context``: text; attributes: JSON)."""
 

@@ -4,7 +4,7 @@ kombu's channel looks its queue up and goes through the ORM's unit of work for e
 it sends, and it keeps every message it has handed out (marked invisible) forever. This channel
 remembers queue ids, sends with one Core insert, and deletes a message as it hands it out: the
 same delivery guarantee (none after a crash; the database lease and the reconciler cover that,
-see DESIGN.md), a constant-size broker file, and a send that costs a third as much.
+see docs/ARCHITECTURE.md), a constant-size broker file, and a send that costs a third as much.
 """
 
 from __future__ import annotations

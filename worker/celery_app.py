@@ -1,6 +1,6 @@
 """The Celery app, configured from :class:`core.config.Settings`.
 
-The broker only carries job ids; the database is the truth (DESIGN.md, "The shape"), so there is
+The broker only carries job ids; the database is the truth (docs/ARCHITECTURE.md), so there is
 no result backend. Queues: ``cpu`` and ``gpu`` for jobs, ``control`` for the reconciler, so that
 reconciliation never waits behind a long job.
 """

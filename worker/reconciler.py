@@ -1,4 +1,4 @@
-"""The reconciler: makes the database and the broker agree again (DESIGN.md, "The shape").
+"""The reconciler: makes the database and the broker agree again (docs/ARCHITECTURE.md).
 
 It re-sends queued jobs whose message the broker lost (a Redis restart without persistence) and
 settles running jobs whose heartbeat stopped (a killed worker): back to the queue while attempts

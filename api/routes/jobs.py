@@ -29,14 +29,13 @@ from api.schemas import (
     json_response,
 )
 from core.db import read_with_retry
-from core.jobs import request_cancel
+from core.jobs import TERMINAL_STATUSES, request_cancel
 from core.logging import bind_log_context
 from core.models import Job, JobEvent, Tenant
 
 log = logging.getLogger("distill.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 # Event numbers are 32-bit integers in the database; a larger cursor is a client's mistake.
 MAX_SEQ = 2**31 - 1
 SSE_POLL_SECONDS = 0.5
@@ -245,9 +244,9 @@ async def _sse(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
             payload = EventPublic.model_validate(event).model_dump(mode="json")
             yield f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
             last_sent = loop.time()
-            if event.type == "status" and event.data.get("status") in TERMINAL:
+            if event.type == "status" and event.data.get("status") in TERMINAL_STATUSES:
                 return
-        if not events and (status is None or status in TERMINAL):
+        if not events and (status is None or status in TERMINAL_STATUSES):
             return  # finished without a final status event (or the job is gone)
         if await request.is_disconnected():
             return
