@@ -4,6 +4,7 @@
   with a warm spare child (the API's default) and with a cold one.
 - Job start: the worker's child process from its start to its first message, with a stand-in
   engine that imports torch and reports at once (the part of a job's start the cage touches).
+- Bare start: ``/bin/true`` in a cage against without one (what bubblewrap itself costs).
 
 Rounds alternate caged and uncaged so that both see the same machine; medians and the spread
 (min-max) are printed as JSON.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -80,14 +82,28 @@ def _job_start_once(tmp: Path, isolation: cage.Isolation) -> float:
     return elapsed
 
 
-def first_message_engine(spec: Any, *, progress: Any, **_: Any) -> None:
+def first_message_engine(spec: Any, *, progress: Any, **_: Any) -> Any:
     """A stand-in engine: import torch as the real one does, report, and end."""
     import torch  # noqa: F401
 
     class Event:
         type, data = "log", {"message": "started"}
 
+    class Outcome:
+        result, history, artifacts = {}, [], []
+
     progress(Event())
+    return Outcome()
+
+
+def _bare_start_once(isolation: cage.Isolation) -> float:
+    """Starting the cage alone: ``/bin/true`` in it, against without it."""
+    argv = ["/bin/true"]
+    if isolation.caged:
+        argv = cage.command(argv, scratch=None)
+    started = time.perf_counter()
+    subprocess.run(argv, check=True)
+    return time.perf_counter() - started
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -118,8 +134,10 @@ def main() -> None:
                     times.setdefault(key, []).append(_inspect_once(model, isolation, warm))
                 key = f"job_start_{name}"
                 times.setdefault(key, []).append(_job_start_once(tmp, isolation))
+                key = f"bare_start_{name}"
+                times.setdefault(key, []).append(_bare_start_once(isolation))
     result = {key: _summary(values) for key, values in sorted(times.items())}
-    for what in ("inspect_warm", "inspect_cold", "job_start"):
+    for what in ("inspect_warm", "inspect_cold", "job_start", "bare_start"):
         caged, uncaged = result[f"{what}_caged"], result[f"{what}_uncaged"]
         result[f"{what}_added_s"] = round(caged["median_s"] - uncaged["median_s"], 3)
     print(json.dumps(result, indent=2))
