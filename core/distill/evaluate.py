@@ -316,6 +316,7 @@ def interleaved_timing(
     batch_size: int = 256,
     warmup: int = 5,
     max_seconds: float = 3.0,
+    threads: int | None = 1,
 ) -> dict[str, Timing]:
     """Time several models in alternating rounds, so that a slow spell of a shared machine
     falls on all of them rather than on whichever happened to be measured then.
@@ -324,9 +325,34 @@ def interleaved_timing(
     ``calls`` batch-1 calls, then ``batch_calls`` calls at ``batch_size`` inputs (or all of
     ``example``). ``max_seconds`` bounds the whole measurement: each model's share of a round
     stops early once spent, after at least 3 calls. ``devices`` maps a model to where its
-    inputs go (default the CPU). Runs under ``torch.inference_mode`` with torch's current
-    thread count, synchronising CUDA after every call on a GPU.
+    inputs go (default the CPU). Runs under ``torch.inference_mode`` on ``threads`` torch
+    threads (None: torch's current count), synchronising CUDA after every call on a GPU.
+
+    One thread by default: on a CPU shared with other processes, a call split over several
+    threads waits for the slowest of them, and its time jumps by orders of magnitude whenever
+    one is descheduled; one thread gives figures that repeat.
     """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _interleaved(models, example, devices, rounds, calls, batch_calls, batch_size,
+                            warmup, max_seconds)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+def _interleaved(
+    models: dict[str, Any],
+    example: torch.Tensor,
+    devices: dict[str, torch.device] | None,
+    rounds: int,
+    calls: int,
+    batch_calls: int,
+    batch_size: int,
+    warmup: int,
+    max_seconds: float,
+) -> dict[str, Timing]:
     names = list(models)
     where = {name: torch.device((devices or {}).get(name, "cpu")) for name in names}
     runners = {name: _runner(models[name], where[name]) for name in names}

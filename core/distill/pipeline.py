@@ -55,6 +55,7 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 EVAL_BATCH = 512
+TIMING_THREADS = 1  # see evaluate.interleaved_timing: figures that repeat on a shared CPU
 
 
 def model_key(ref: ModelRef | StudentSpec) -> str:
@@ -692,7 +693,9 @@ def _timing(
         models["student_onnx"], devices["student_onnx"] = session, torch.device("cpu")
     if baseline is not None:
         models["baseline"], devices["baseline"] = baseline, _module_device(baseline, device)
-    timings = evaluate.interleaved_timing(models, data.x_val, devices=devices)
+    timings = evaluate.interleaved_timing(
+        models, data.x_val, devices=devices, threads=TIMING_THREADS
+    )
     for name in ("teacher", "student", "baseline"):
         if name in timings:
             result[name].update(timings[name].metrics())
@@ -714,7 +717,7 @@ def _timing(
         "interleaved": True,
         "rounds": len(timings["teacher"].calls),
         "speedup_runtime": runtime if runtime == "torch" or session else "torch",
-        "threads": torch.get_num_threads(),
+        "threads": TIMING_THREADS,
         "batch_size": min(len(data.x_val), 256),
         "noisy": bool(any(noisy) or speed["speedup_noisy"]),
     }
@@ -737,7 +740,7 @@ def _onnx_session(
     student: nn.Module, data: TransferSet, exported: Path | None, scratch: Path
 ) -> Any:
     """An onnxruntime session of the student (the exported file, or a scratch export that is
-    removed at once), with torch's thread count; None when the student does not export."""
+    removed at once) on TIMING_THREADS threads; None when the student does not export."""
     import onnxruntime as ort
 
     from core.distill import export
@@ -749,7 +752,7 @@ def _onnx_session(
             path = scratch
             export.export_onnx(student, data.x_val[:2], path, check_inputs=data.x_val[:64])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = TIMING_THREADS
         options.inter_op_num_threads = 1
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except ExportFailed:

@@ -292,3 +292,20 @@ def test_predict_returns_float_cpu_tensor() -> None:
     out = predict(lambda x: model(x.half()), torch.ones(4, 3))
     assert out.dtype == torch.float32 and out.device.type == "cpu"
     assert np.isfinite(out.numpy()).all()
+
+
+def test_interleaved_timing_runs_on_one_thread_and_restores_the_count() -> None:
+    seen: set[int] = set()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        seen.add(torch.get_num_threads())
+        return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        interleaved_timing({"m": run}, torch.zeros(4, 2), rounds=2, calls=3, warmup=1)
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
