@@ -286,6 +286,8 @@ def _run(
         result["baseline"] = baseline[1]
         comparison = evaluate.baseline_verdict(distilled_val, baseline[2], data.y_val, task=task)
         if comparison is not None:
+            # The same architecture on both sides: compression, if any, comes after.
+            comparison["student_model"] = "before_compression" if compression else "delivered"
             result["verdict"] = comparison["verdict"]
             result["baseline_comparison"] = comparison
     _check_stop(should_stop)
@@ -315,7 +317,7 @@ def _run(
     )
     if result.get("verdict") == "baseline_better":
         assert baseline is not None
-        result["warning"] = _baseline_warning(result["baseline_comparison"])
+        result["warning"] = _baseline_warning(result["baseline_comparison"], spec.export)
         report.log(f"warning: {result['warning']}")
         result["recommended"] = "baseline"
         more, _ = _export(
@@ -332,7 +334,7 @@ def _run(
     return JobOutcome(result=result, history=report.history, artifacts=artifacts)
 
 
-def _baseline_warning(comparison: dict[str, Any]) -> str:
+def _baseline_warning(comparison: dict[str, Any], formats: list[str]) -> str:
     """The line that tells a user plainly that distillation lost to the labels alone."""
     metric = comparison["metric"]
     student, baseline = comparison["student"], comparison["baseline"]
@@ -340,10 +342,11 @@ def _baseline_warning(comparison: dict[str, Any]) -> str:
         figures = f"accuracy {100 * student:.1f}% against {100 * baseline:.1f}%"
     else:
         figures = f"{metric} {student:.4g} against {baseline:.4g}"
+    offered = "; its files (baseline.*) are offered beside the student's" if formats else ""
     return (
         "the labels-only baseline beat the distilled student on the validation split "
-        f"({figures}, p = {comparison['p_value']:.2g}); its artifacts (baseline.*) are offered "
-        "beside the student's. Check the teacher's quality on these data."
+        f"({figures}, p = {comparison['p_value']:.2g}){offered}. Check the teacher's quality "
+        "on these data."
     )
 
 
