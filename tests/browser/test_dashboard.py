@@ -268,6 +268,7 @@ def test_a_baseline_that_beats_the_student_is_a_visible_warning(
         "dataset_id": dataset["id"],
         "student": {"preset": "mlp", "width": 32, "depth": 1},
         "training": {"epochs": 4, "batch_size": 32, "lr": 0.01},
+        "compression": {"prune": {"amount": 0.25, "structured": True}},
         "export": ["onnx"],
     }
     r = service.http.post("/v1/jobs", json=spec)
@@ -290,6 +291,14 @@ def test_a_baseline_that_beats_the_student_is_a_visible_warning(
     assert f"{100 * job['result']['baseline']['accuracy']:.1f}%" in text
     page.locator("#artifacts button[data-kind=baseline_onnx]").wait_for()
     assert "smaller in parameters" in page.locator("#summary").inner_text()
+    # The compression steps, before and after.
+    pruned = page.locator("#compression-table tr[data-step=prune][data-metric=parameters]")
+    step = job["result"]["compression"][0]
+    assert step["after"]["parameters"] < step["before"]["parameters"]
+    assert pruned.locator("td.num").all_inner_texts() == [
+        fmt_count(step["before"]["parameters"]),
+        fmt_count(step["after"]["parameters"]),
+    ]
     page.locator("details summary").click()
     assert page.locator("#log li.warning").count() == 1
     screenshot(page, "dashboard-baseline-better.png")
@@ -298,6 +307,15 @@ def test_a_baseline_that_beats_the_student_is_a_visible_warning(
     mark = page.locator(f"#jobs-table tr[data-job-id='{job_id}'] .verdict-mark")
     mark.wait_for()
     assert "baseline better" in mark.inner_text()
+
+
+def fmt_count(n: int) -> str:
+    """The dashboard's fmtCount: 2400 → '2.4k'."""
+    if n >= 1e6:
+        return f"{n / 1e6:.{0 if n >= 1e7 else 1}f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.{0 if n >= 1e4 else 1}f}k"
+    return str(n)
 
 
 def test_cancel_button(page: Any, service: Service, uploaded: dict[str, Any]) -> None:

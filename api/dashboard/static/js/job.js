@@ -85,8 +85,9 @@ function summary(result) {
 function verdictBox(result) {
   if (!result.verdict) return null;
   const c = result.baseline_comparison || {};
+  const which = c.student_model === "before_compression" ? " (the student before compression)" : "";
   const detail = c.metric === "accuracy"
-    ? ` Accuracy ${fmtPct(c.student)} against ${fmtPct(c.baseline)} on ${c.n} validation samples (McNemar's exact test, p = ${c.p_value.toPrecision(2)}).`
+    ? ` Accuracy ${fmtPct(c.student)}${which} against ${fmtPct(c.baseline)} on ${c.n} validation samples (McNemar's exact test, p = ${c.p_value.toPrecision(2)}).`
     : c.metric ? ` ${c.metric} ${fmtNum(c.student)} against ${fmtNum(c.baseline)} (${c.test}, p = ${c.p_value.toPrecision(2)}).` : "";
   const bad = result.verdict === "baseline_better";
   return h(
