@@ -254,6 +254,35 @@ def test_a_teacher_wrong_on_most_inputs_loses_to_the_baseline_and_the_job_says_s
     assert accuracy(out, val["y_val"]) == pytest.approx(result["baseline"]["accuracy"], abs=0.01)
 
 
+def test_an_onnx_teacher_is_compared_with_the_student_under_onnxruntime(
+    files, digits_teacher, digits, tmp_path
+):
+    """The speedup compares like with like: an ONNX teacher runs under onnxruntime, so the
+    speedup is taken against the student under onnxruntime, timed in the same rounds."""
+    from tests.core.model_files import save_onnx
+
+    path = save_onnx(
+        digits_teacher, tmp_path / "teacher.onnx", torch.from_numpy(digits["x_train"][:2])
+    )
+    models = {**files["models"], "teacher.onnx": ModelFile(path=path, format="onnx")}
+    spec = {
+        "teacher": {"path": "teacher.onnx"},
+        "student": {"preset": "mlp", "width": 16, "depth": 1},
+        "training": {"epochs": 1, "baseline": False},
+        "export": [],  # no ONNX asked for: the student is exported for the timing alone
+    }
+    outcome, _ = run({**files, "models": models}, tmp_path / "job", spec)
+    result = outcome.result
+    assert result["timing"]["speedup_runtime"] == "onnxruntime"
+    assert result["student"]["latency_ms_p50_onnx"] > 0
+    low, high = result["speedup_range"]
+    assert low <= result["speedup"] <= high
+    # The median of per-round ratios sits near the ratio of the medians, in the same runtime.
+    ratio = result["teacher"]["latency_ms_p50"] / result["student"]["latency_ms_p50_onnx"]
+    assert low / 1.5 <= ratio <= high * 1.5
+    assert [a.name for a in outcome.artifacts] == ["validation.npz", "report.json"]
+
+
 def test_ensemble_and_two_stage_chain_report_every_stage(files, tmp_path):
     spec = {
         "teacher": None,
