@@ -56,6 +56,16 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
 }
 EVAL_BATCH = 512
 TIMING_THREADS = 1  # see evaluate.interleaved_timing: figures that repeat on a shared CPU
+# The delivered student's figures in the job's last metrics event: result key → event key.
+DELIVERED_METRICS = {
+    "accuracy": "val_accuracy",
+    "f1_macro": "val_f1_macro",
+    "agreement": "val_agreement",
+    "kl_to_teacher": "val_kl_to_teacher",
+    "mse": "val_mse_to_teacher",
+    "cosine": "val_cosine_to_teacher",
+    "mse_to_labels": "val_mse_to_labels",
+}
 
 
 def model_key(ref: ModelRef | StudentSpec) -> str:
@@ -354,19 +364,9 @@ def _baseline_warning(comparison: dict[str, Any], formats: list[str]) -> str:
 def _delivered_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """The delivered student's validation figures as the job's last metrics event (so a job's
     top-level ``metrics`` after success are the student's, not the baseline's last epoch)."""
-    names = {"mse": "val_mse_to_teacher", "cosine": "val_cosine_to_teacher"}
-    quality = (
-        "accuracy",
-        "f1_macro",
-        "agreement",
-        "kl_to_teacher",
-        "mse",
-        "cosine",
-        "mse_to_labels",
-    )
     data: dict[str, Any] = {"label": "delivered student", "final": True}
     student = result["student"]
-    data.update({names.get(k, f"val_{k}"): student[k] for k in quality if k in student})
+    data.update({name: student[k] for k, name in DELIVERED_METRICS.items() if k in student})
     if "verdict" in result:
         data["verdict"] = result["verdict"]
     return data
@@ -712,15 +712,17 @@ def _timing(
                 "throughput_per_s_onnx": onnx["throughput_per_s"],
             }
         )
-    runtime = _runtime(teacher)
-    same = timings["student_onnx"] if runtime == "onnxruntime" and session else timings["student"]
+    # The teacher against the student in the teacher's runtime (torch when the student's ONNX
+    # session could not be made).
+    runtime = "onnxruntime" if _runtime(teacher) == "onnxruntime" and session else "torch"
+    same = timings["student_onnx"] if runtime == "onnxruntime" else timings["student"]
     speed = evaluate.paired_speedup(timings["teacher"], same)
     figures = {**evaluate.compare(result["teacher"], result["student"]), **speed}
     noisy = [t.metrics()["latency_noisy"] for t in timings.values()]
     figures["timing"] = {
         "interleaved": True,
         "rounds": len(timings["teacher"].calls),
-        "speedup_runtime": runtime if runtime == "torch" or session else "torch",
+        "speedup_runtime": runtime,
         "threads": TIMING_THREADS,
         "batch_size": min(len(data.x_val), 256),
         "noisy": bool(any(noisy) or speed["speedup_noisy"]),
