@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from core.distill.types import Event
 
@@ -21,8 +22,19 @@ _ROWS: list[tuple[str, str]] = [
     ("parameters", "parameters"),
     ("size_bytes", "size"),
     ("latency_ms_p50", "latency p50"),
+    ("latency_ms_range", "latency range (rounds)"),
+    ("latency_ms_p50_onnx", "latency p50 (onnxruntime)"),
     ("throughput_per_s", "throughput"),
+    ("throughput_per_s_onnx", "throughput (onnxruntime)"),
 ]
+
+VERDICT_TEXT = {
+    "distillation_helped": "distillation helped: the student beats the labels-only baseline",
+    "no_significant_difference": (
+        "no significant difference between the student and the labels-only baseline"
+    ),
+    "baseline_better": "the labels-only baseline is better than the distilled student",
+}
 
 
 def human_bytes(n: float) -> str:
@@ -44,9 +56,11 @@ def format_metric(key: str, value: Any) -> str:
         return f"{int(value):,}"
     if key == "size_bytes":
         return human_bytes(float(value))
-    if key == "latency_ms_p50":
+    if key.startswith("latency_ms_range"):
+        return f"{float(value[0]):.3f}–{float(value[1]):.3f} ms"
+    if key.startswith("latency_ms"):
         return f"{float(value):.3f} ms"
-    if key == "throughput_per_s":
+    if key.startswith("throughput_per_s"):
         return f"{float(value):,.0f} /s"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -86,18 +100,56 @@ def compression_table(steps: list[dict[str, Any]]) -> Table | None:
     return table
 
 
+def ratio_phrase(ratio: float | None, smaller: str = "smaller", larger: str = "larger") -> str:
+    """A teacher / student ratio as people say it: 12.3 → '12.3× smaller', 0.5 → '2× larger'."""
+    if ratio is None or ratio <= 0:
+        return "–"
+    if ratio >= 1:
+        return f"{ratio:.3g}× {smaller}"
+    return f"{1 / ratio:.3g}× {larger}"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """Compression ratio, speedup and where the student stands against the baseline."""
+    """The student against the teacher (parameters, bytes, speed) and against the baseline."""
     lines = []
-    if result.get("compression_ratio") is not None:
-        lines.append(f"compression ratio: {float(result['compression_ratio']):.1f}×")
+    ratio = result.get("parameter_ratio", result.get("compression_ratio"))
+    if ratio is not None:
+        lines.append(f"parameters: {ratio_phrase(ratio)} than the teacher")
+    if result.get("size_ratio") is not None:
+        lines.append(f"size: {ratio_phrase(result['size_ratio'])} than the teacher")
     if result.get("speedup") is not None:
-        lines.append(f"speedup: {float(result['speedup']):.1f}×")
-    baseline, student = result.get("baseline"), result.get("student") or {}
-    if baseline and baseline.get("accuracy") is not None and student.get("accuracy") is not None:
-        gain = 100 * (float(student["accuracy"]) - float(baseline["accuracy"]))
-        lines.append(f"distillation vs labels-only baseline: {gain:+.2f} accuracy points")
+        line = f"speedup: {ratio_phrase(result['speedup'], 'faster', 'slower')} than the teacher"
+        timing, spread = result.get("timing") or {}, result.get("speedup_range")
+        if spread:
+            rounds = f" over {timing['rounds']} rounds" if timing.get("rounds") else ""
+            runtime = f", {timing['speedup_runtime']}" if timing.get("speedup_runtime") else ""
+            line += f" (teacher/student {spread[0]:.3g}–{spread[1]:.3g}×{rounds}{runtime})"
+        if timing.get("noisy"):
+            line += " — noisy: the timing rounds disagree (a busy machine)"
+        lines.append(line)
+    verdict, comparison = result.get("verdict"), result.get("baseline_comparison") or {}
+    if verdict in VERDICT_TEXT:
+        detail = ""
+        if comparison.get("metric") == "accuracy":
+            detail = (
+                f" ({100 * comparison['difference']:+.2f} accuracy points, "
+                f"p = {comparison['p_value']:.2g}, {comparison.get('test')})"
+            )
+        lines.append(f"verdict: {VERDICT_TEXT[verdict]}{detail}")
+    else:
+        baseline, student = result.get("baseline"), result.get("student") or {}
+        if baseline and baseline.get("accuracy") is not None and student.get("accuracy"):
+            gain = 100 * (float(student["accuracy"]) - float(baseline["accuracy"]))
+            lines.append(f"distillation vs labels-only baseline: {gain:+.2f} accuracy points")
     return lines
+
+
+def warning_line(result: dict[str, Any]) -> str | None:
+    """The warning a user must not miss: the labels-only baseline beat the distilled student."""
+    if result.get("verdict") != "baseline_better":
+        return None
+    text = result.get("warning") or VERDICT_TEXT["baseline_better"]
+    return f"warning: {text}"
 
 
 def render_result(result: dict[str, Any]) -> Group:
@@ -107,6 +159,9 @@ def render_result(result: dict[str, Any]) -> Group:
     if compression is not None:
         parts.append(compression)
     parts.extend(summary_lines(result))
+    warning = warning_line(result)
+    if warning is not None:
+        parts.append(Text(warning, style="bold yellow"))
     return Group(*parts)
 
 

@@ -10,6 +10,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -237,22 +238,250 @@ def latency_metrics(
 
 
 def _ratio(numerator: Any, denominator: Any) -> float | None:
-    """numerator / denominator, or None when either is missing or not positive."""
+    """numerator / denominator to 4 significant digits, or None when either is missing or not
+    positive (a ratio far below 1 stays readable: 0.01316, never 0.0)."""
     if not isinstance(numerator, (int, float)) or not isinstance(denominator, (int, float)):
         return None
     if numerator <= 0 or denominator <= 0:
         return None
-    return round(float(numerator) / float(denominator), 3)
+    return float(f"{float(numerator) / float(denominator):.4g}")
 
 
 def compare(teacher_metrics: dict[str, Any], student_metrics: dict[str, Any]) -> dict[str, Any]:
-    """``compression_ratio`` (teacher size / student size) and ``speedup`` (teacher p50 /
-    student p50); ``None`` where a value is missing or zero."""
+    """How the student compares with the teacher, each ratio teacher / student (above 1: the
+    student is smaller or faster; below 1: larger or slower); ``None`` where a value is missing.
+
+    ``parameter_ratio`` (parameters), ``size_ratio`` (bytes: the teacher's file against the
+    student's serialized weights), ``compression_ratio`` (API.md's name: the parameter ratio)
+    and ``speedup`` (latency p50 at batch 1).
+    """
+    parameter_ratio = _ratio(teacher_metrics.get("parameters"), student_metrics.get("parameters"))
     return {
-        "compression_ratio": _ratio(
-            teacher_metrics.get("size_bytes"), student_metrics.get("size_bytes")
-        ),
+        "parameter_ratio": parameter_ratio,
+        "size_ratio": _ratio(teacher_metrics.get("size_bytes"), student_metrics.get("size_bytes")),
+        "compression_ratio": parameter_ratio,
         "speedup": _ratio(
             teacher_metrics.get("latency_ms_p50"), student_metrics.get("latency_ms_p50")
         ),
     }
+
+
+# --- interleaved timing ------------------------------------------------------------------------
+
+NOISY_SPREAD = 0.5  # (max - min) / median across rounds above this marks a figure noisy
+
+
+@dataclass
+class Timing:
+    """One model's calls, round by round: seconds per batch-1 call and inputs per second."""
+
+    calls: list[list[float]] = field(default_factory=list)  # per round, each call's seconds
+    throughput: list[float] = field(default_factory=list)  # per round
+
+    @property
+    def round_ms(self) -> list[float]:
+        """Each round's median batch-1 latency in milliseconds."""
+        return [1000.0 * statistics.median(c) for c in self.calls]
+
+    def metrics(self) -> dict[str, Any]:
+        """p50 across rounds, the pooled p95, each figure's min–max range across rounds and
+        ``latency_noisy`` when the rounds disagree by more than NOISY_SPREAD of the median."""
+        rounds = self.round_ms
+        pooled = sorted(1000.0 * t for c in self.calls for t in c)
+        p50 = statistics.median(rounds)
+        return {
+            "latency_ms_p50": p50,
+            "latency_ms_p95": pooled[min(len(pooled) - 1, math.ceil(0.95 * len(pooled)) - 1)],
+            "latency_ms_range": [min(rounds), max(rounds)],
+            "throughput_per_s": statistics.median(self.throughput),
+            "throughput_range": [min(self.throughput), max(self.throughput)],
+            "latency_noisy": spread(rounds) > NOISY_SPREAD,
+        }
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: 0 when every round agrees; 0.5 when they span half the median."""
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle > 0 else 0.0
+
+
+def interleaved_timing(
+    models: dict[str, Any],
+    example: torch.Tensor,
+    *,
+    devices: dict[str, torch.device] | None = None,
+    rounds: int = 7,
+    calls: int = 30,
+    batch_calls: int = 3,
+    batch_size: int = 256,
+    warmup: int = 5,
+    max_seconds: float = 3.0,
+    threads: int | None = 1,
+) -> dict[str, Timing]:
+    """Time several models in alternating rounds, so that a slow spell of a shared machine
+    falls on all of them rather than on whichever happened to be measured then.
+
+    Each round times every model in turn (the order rotates from round to round): up to
+    ``calls`` batch-1 calls, then ``batch_calls`` calls at ``batch_size`` inputs (or all of
+    ``example``). ``max_seconds`` bounds the whole measurement: each model's share of a round
+    stops early once spent, after at least 3 calls. ``devices`` maps a model to where its
+    inputs go (default the CPU). Runs under ``torch.inference_mode`` on ``threads`` torch
+    threads (None: torch's current count), synchronising CUDA after every call on a GPU.
+
+    One thread by default: on a CPU shared with other processes, a call split over several
+    threads waits for the slowest of them, and its time jumps by orders of magnitude whenever
+    one is descheduled; one thread gives figures that repeat.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _interleaved(models, example, devices, rounds, calls, batch_calls, batch_size,
+                            warmup, max_seconds)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+def _interleaved(
+    models: dict[str, Any],
+    example: torch.Tensor,
+    devices: dict[str, torch.device] | None,
+    rounds: int,
+    calls: int,
+    batch_calls: int,
+    batch_size: int,
+    warmup: int,
+    max_seconds: float,
+) -> dict[str, Timing]:
+    names = list(models)
+    where = {name: torch.device((devices or {}).get(name, "cpu")) for name in names}
+    runners = {name: _runner(models[name], where[name]) for name in names}
+    single = {name: example[:1].to(where[name]) for name in names}
+    batch = {name: example[:batch_size].to(where[name]) for name in names}
+    share = max_seconds / max(1, rounds * len(names))
+    timings = {name: Timing() for name in names}
+    with torch.inference_mode():
+        for name, run in runners.items():
+            for _ in range(warmup):
+                run(single[name])
+            run(batch[name])
+            _sync(where[name])
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                run, timing, device = runners[name], timings[name], where[name]
+                timing.calls.append(_timed_runs(run, single[name], device, calls, share / 2))
+                per_batch = statistics.median(
+                    _timed_runs(run, batch[name], device, batch_calls, share / 2)
+                )
+                timing.throughput.append(len(batch[name]) / per_batch if per_batch > 0 else 0.0)
+    return timings
+
+
+def paired_speedup(teacher: Timing, student: Timing) -> dict[str, Any]:
+    """``speedup``: the median over rounds of teacher / student latency measured in the same
+    round, its min–max ``speedup_range`` and ``speedup_noisy``."""
+    ratios = [t / s for t, s in zip(teacher.round_ms, student.round_ms, strict=True) if s > 0]
+    if not ratios:
+        return {"speedup": None, "speedup_range": None, "speedup_noisy": None}
+    return {
+        "speedup": float(f"{statistics.median(ratios):.4g}"),
+        "speedup_range": [float(f"{min(ratios):.4g}"), float(f"{max(ratios):.4g}")],
+        "speedup_noisy": spread(ratios) > NOISY_SPREAD,
+    }
+
+
+# --- the verdict: distilled student against the labels-only baseline ---------------------------
+
+ALPHA = 0.05
+VERDICTS = ("distillation_helped", "no_significant_difference", "baseline_better")
+
+
+def baseline_verdict(
+    student_outputs: torch.Tensor,
+    baseline_outputs: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    task: str,
+    alpha: float = ALPHA,
+) -> dict[str, Any] | None:
+    """Whether distillation beat training on the labels alone, on the same samples, paired.
+
+    classification: McNemar's exact test, i.e. a two-sided binomial test on the samples where
+    exactly one of the two models is right (``student_only_correct`` against
+    ``baseline_only_correct``). regression with float targets: the Wilcoxon signed-rank test on
+    the per-sample squared errors. ``verdict`` is ``distillation_helped`` or
+    ``baseline_better`` when ``p_value < alpha``, else ``no_significant_difference``. ``None``
+    when there are no labels to judge by.
+    """
+    if y is None:
+        return None
+    student_outputs = student_outputs.float().cpu()
+    baseline_outputs = baseline_outputs.float().cpu()
+    y = y.cpu()
+    if task == "classification" and not y.is_floating_point():
+        keep = y >= 0
+        if not bool(keep.any()):
+            return None
+        truth = y[keep]
+        student_right = student_outputs[keep].argmax(-1) == truth
+        baseline_right = baseline_outputs[keep].argmax(-1) == truth
+        return _mcnemar(student_right.numpy(), baseline_right.numpy(), alpha)
+    if task == "regression" and y.is_floating_point():
+        n = len(y)
+        target = y.reshape(n, -1)
+        student_err = ((student_outputs.reshape(n, -1) - target) ** 2).mean(1).numpy()
+        baseline_err = ((baseline_outputs.reshape(n, -1) - target) ** 2).mean(1).numpy()
+        return _wilcoxon(student_err, baseline_err, alpha)
+    return None
+
+
+def _mcnemar(student_right: np.ndarray, baseline_right: np.ndarray, alpha: float) -> dict[str, Any]:
+    from scipy.stats import binomtest
+
+    n = len(student_right)
+    b = int((student_right & ~baseline_right).sum())
+    c = int((baseline_right & ~student_right).sum())
+    p = float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+    diff = (b - c) / n
+    # Wald interval of a difference of paired proportions (the test above decides, this shows).
+    half = 1.96 * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+    return {
+        "verdict": _decide(p, diff, alpha),
+        "metric": "accuracy",
+        "student": float(student_right.mean()),
+        "baseline": float(baseline_right.mean()),
+        "difference": diff,
+        "difference_ci95": [diff - half, diff + half],
+        "test": "mcnemar_exact",
+        "p_value": p,
+        "alpha": alpha,
+        "n": n,
+        "student_only_correct": b,
+        "baseline_only_correct": c,
+    }
+
+
+def _wilcoxon(student_err: np.ndarray, baseline_err: np.ndarray, alpha: float) -> dict[str, Any]:
+    from scipy.stats import wilcoxon
+
+    delta = baseline_err - student_err  # above 0: the student's error is lower
+    p = float(wilcoxon(delta).pvalue) if bool(np.any(delta != 0)) else 1.0
+    p = 1.0 if math.isnan(p) else p
+    diff = float(delta.mean())
+    return {
+        "verdict": _decide(p, diff, alpha),
+        "metric": "mse_to_labels",
+        "student": float(student_err.mean()),
+        "baseline": float(baseline_err.mean()),
+        "difference": diff,
+        "test": "wilcoxon_signed_rank",
+        "p_value": p,
+        "alpha": alpha,
+        "n": len(delta),
+    }
+
+
+def _decide(p_value: float, student_advantage: float, alpha: float) -> str:
+    if p_value >= alpha or student_advantage == 0:
+        return "no_significant_difference"
+    return "distillation_helped" if student_advantage > 0 else "baseline_better"

@@ -55,6 +55,17 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 EVAL_BATCH = 512
+TIMING_THREADS = 1  # see evaluate.interleaved_timing: figures that repeat on a shared CPU
+# The delivered student's figures in the job's last metrics event: result key → event key.
+DELIVERED_METRICS = {
+    "accuracy": "val_accuracy",
+    "f1_macro": "val_f1_macro",
+    "agreement": "val_agreement",
+    "kl_to_teacher": "val_kl_to_teacher",
+    "mse": "val_mse_to_teacher",
+    "cosine": "val_cosine_to_teacher",
+    "mse_to_labels": "val_mse_to_labels",
+}
 
 
 def model_key(ref: ModelRef | StudentSpec) -> str:
@@ -240,8 +251,9 @@ def _run(
         if i + 1 < len(chain):
             current = _as_teacher(student, data, out_dim)
     assert student is not None and measured is not None
+    distilled_val = measured[1]  # before compression: the baseline's architecture
 
-    baseline: dict[str, Any] | None = None
+    baseline: tuple[nn.Module, dict[str, Any], torch.Tensor] | None = None
     if with_baseline:
         baseline_model = _train_baseline(
             chain[-1],
@@ -256,7 +268,10 @@ def _run(
             report=report,
             should_stop=should_stop,
         )
-        baseline = _measure(baseline_model, data, teacher_val, task, device)[0]
+        baseline_metrics, baseline_val = _measure(
+            baseline_model, data, teacher_val, task, device, latency=False
+        )
+        baseline = (baseline_model, baseline_metrics, baseline_val)
 
     compression: list[dict[str, Any]] = []
     if spec.compression.prune is not None or spec.compression.quantize != "none":
@@ -267,11 +282,10 @@ def _run(
     student_metrics, student_val = measured
 
     report.log("measuring the teacher on the validation split")
-    teacher_metrics = _teacher_metrics(teacher, data, teacher_val, task, device)
+    teacher_metrics = _teacher_metrics(teacher, data, teacher_val, task)
     result: dict[str, Any] = {
         "teacher": teacher_metrics,
         "student": student_metrics,
-        **evaluate.compare(teacher_metrics, student_metrics),
         "task": task,
         "method": stage_results[-1]["method"],
         "device": str(device),
@@ -279,18 +293,83 @@ def _run(
         "compression": compression,
     }
     if baseline is not None:
-        result["baseline"] = baseline
+        result["baseline"] = baseline[1]
+        comparison = evaluate.baseline_verdict(distilled_val, baseline[2], data.y_val, task=task)
+        if comparison is not None:
+            # The same architecture on both sides: compression, if any, comes after.
+            comparison["student_model"] = "before_compression" if compression else "delivered"
+            result["verdict"] = comparison["verdict"]
+            result["baseline_comparison"] = comparison
     _check_stop(should_stop)
 
+    where = _module_device(student, device)
     artifacts, checks = _export(
-        student, spec, data, teacher_val, student_val, staging=staging, report=report
+        student, spec.export, data, staging=staging, report=report, name="student"
     )
+    student = student.to(where)  # exporting moved it to the CPU; it is timed where it runs
+    _write_validation(data, teacher_val, student_val, staging)
+    artifacts.append(Artifact("validation.npz", "validation_data", staging / "validation.npz"))
     result["export"] = checks
+    _check_stop(should_stop)
+
+    report.log("timing teacher and student in alternating rounds")
+    result.update(
+        _timing(
+            teacher,
+            student,
+            None if baseline is None else baseline[0],
+            result,
+            onnx_file=staging / "student.onnx" if "onnx" in spec.export else None,
+            data=data,
+            device=device,
+            staging=staging,
+        )
+    )
+    if result.get("verdict") == "baseline_better":
+        assert baseline is not None
+        result["warning"] = _baseline_warning(result["baseline_comparison"], spec.export)
+        report.log(f"warning: {result['warning']}")
+        result["recommended"] = "baseline"
+        more, _ = _export(
+            baseline[0], spec.export, data, staging=staging, report=report, name="baseline"
+        )
+        artifacts.extend(more)
+    else:
+        result["recommended"] = "student"
+    report.progress(Event("metrics", _delivered_metrics(result)))
     result["seconds"] = round(time.monotonic() - started, 3)
     report_path = staging / "report.json"
     export.write_report(report_path, result, report.history, spec.model_dump(mode="json"))
     artifacts.append(Artifact("report.json", "report", report_path))
     return JobOutcome(result=result, history=report.history, artifacts=artifacts)
+
+
+def _baseline_warning(comparison: dict[str, Any], formats: list[str]) -> str:
+    """The line that tells a user plainly that distillation lost to the labels alone."""
+    metric = comparison["metric"]
+    student, baseline = comparison["student"], comparison["baseline"]
+    if metric == "accuracy":
+        figures = f"accuracy {100 * student:.1f}% against {100 * baseline:.1f}%"
+    else:
+        figures = f"{metric} {student:.4g} against {baseline:.4g}"
+    offered = "; its files (baseline.*) are offered beside the student's" if formats else ""
+    which = " (before compression)" if comparison["student_model"] == "before_compression" else ""
+    return (
+        f"the labels-only baseline beat the distilled student{which} on the validation split "
+        f"({figures}, p = {comparison['p_value']:.2g}){offered}. Check the teacher's quality "
+        "on these data."
+    )
+
+
+def _delivered_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The delivered student's validation figures as the job's last metrics event (so a job's
+    top-level ``metrics`` after success are the student's, not the baseline's last epoch)."""
+    data: dict[str, Any] = {"label": "delivered student", "final": True}
+    student = result["student"]
+    data.update({name: student[k] for k, name in DELIVERED_METRICS.items() if k in student})
+    if "verdict" in result:
+        data["verdict"] = result["verdict"]
+    return data
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -567,8 +646,11 @@ def _measure(
     teacher_val: torch.Tensor,
     task: str,
     device: torch.device,
+    *,
+    latency: bool = True,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Quality, size and latency of a student on the validation split, and its outputs there."""
+    """Quality, size and (unless ``latency`` is off) latency of a student on the validation
+    split, and its outputs there."""
     from core.distill import evaluate
 
     model = model.eval()
@@ -576,28 +658,112 @@ def _measure(
     metrics = {
         **evaluate.quality_metrics(outputs, task=task, y=data.y_val, teacher_outputs=teacher_val),
         **evaluate.size_metrics(model),
-        **evaluate.latency_metrics(model, data.x_val, device=device),
     }
+    if latency:
+        metrics.update(evaluate.latency_metrics(model, data.x_val, device=device))
     return metrics, outputs
 
 
 def _teacher_metrics(
-    teacher: Teacher,
-    data: TransferSet,
-    teacher_val: torch.Tensor,
-    task: str,
-    device: torch.device,
+    teacher: Teacher, data: TransferSet, teacher_val: torch.Tensor, task: str
 ) -> dict[str, Any]:
     from core.distill import evaluate
 
     quality = evaluate.quality_metrics(teacher_val, task=task, y=data.y_val, teacher_outputs=None)
-    latency = evaluate.latency_metrics(teacher, data.x_val, device=device)
-    return {
-        **quality,
-        "parameters": int(teacher.parameters),
-        "size_bytes": int(teacher.size_bytes),
-        **latency,
+    return {**quality, "parameters": int(teacher.parameters), "size_bytes": int(teacher.size_bytes)}
+
+
+def _timing(
+    teacher: Teacher,
+    student: nn.Module,
+    baseline: nn.Module | None,
+    result: dict[str, Any],
+    *,
+    onnx_file: Path | None,
+    data: TransferSet,
+    device: torch.device,
+    staging: Path,
+) -> dict[str, Any]:
+    """Latency and throughput of teacher, student (in torch and under onnxruntime) and baseline,
+    timed in alternating rounds; writes them into ``result``'s blocks and returns the ratios,
+    the paired ``speedup`` (in the teacher's runtime) and the ``timing`` block."""
+    from core.distill import evaluate
+
+    student_device = _module_device(student, device)
+    models: dict[str, Any] = {"teacher": teacher, "student": student}
+    devices = {"teacher": device, "student": student_device}
+    session = _onnx_session(student, data, onnx_file, staging / ".timing.onnx")
+    if session is not None:
+        models["student_onnx"], devices["student_onnx"] = session, torch.device("cpu")
+    if baseline is not None:
+        models["baseline"], devices["baseline"] = baseline, _module_device(baseline, device)
+    timings = evaluate.interleaved_timing(
+        models, data.x_val, devices=devices, threads=TIMING_THREADS
+    )
+    for name in ("teacher", "student", "baseline"):
+        if name in timings:
+            result[name].update(timings[name].metrics())
+    if "student_onnx" in timings:
+        onnx = timings["student_onnx"].metrics()
+        result["student"].update(
+            {
+                "latency_ms_p50_onnx": onnx["latency_ms_p50"],
+                "latency_ms_range_onnx": onnx["latency_ms_range"],
+                "throughput_per_s_onnx": onnx["throughput_per_s"],
+            }
+        )
+    # The teacher against the student in the teacher's runtime (torch when the student's ONNX
+    # session could not be made).
+    runtime = "onnxruntime" if _runtime(teacher) == "onnxruntime" and session else "torch"
+    same = timings["student_onnx"] if runtime == "onnxruntime" else timings["student"]
+    speed = evaluate.paired_speedup(timings["teacher"], same)
+    figures = {**evaluate.compare(result["teacher"], result["student"]), **speed}
+    noisy = [t.metrics()["latency_noisy"] for t in timings.values()]
+    figures["timing"] = {
+        "interleaved": True,
+        "rounds": len(timings["teacher"].calls),
+        "speedup_runtime": runtime,
+        "threads": TIMING_THREADS,
+        "batch_size": min(len(data.x_val), 256),
+        "noisy": bool(any(noisy) or speed["speedup_noisy"]),
     }
+    return figures
+
+
+def _runtime(teacher: Teacher) -> str:
+    """Where the teacher runs: ``onnxruntime`` (an ONNX upload) or ``torch``."""
+    members = getattr(teacher, "teachers", None) or [teacher]
+    formats = {m.info.format for m in members}
+    return "onnxruntime" if formats == {"onnx"} else "torch"
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else default
+
+
+def _onnx_session(
+    student: nn.Module, data: TransferSet, exported: Path | None, scratch: Path
+) -> Any:
+    """An onnxruntime session of the student (the exported file, or a scratch export that is
+    removed at once) on TIMING_THREADS threads; None when the student does not export."""
+    import onnxruntime as ort
+
+    from core.distill import export
+
+    path = exported
+    try:
+        if path is None or not path.is_file():
+            path = scratch
+            export.export_onnx(student, data.x_val[:2], path, check_inputs=data.x_val[:64])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = TIMING_THREADS
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception:  # a figure we cannot take is reported missing, never fails the job
+        return None
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _compress(
@@ -650,34 +816,44 @@ def _quantized_device(mode: str, device: torch.device) -> torch.device:
 
 
 def _export(
-    student: nn.Module,
-    spec: JobSpec,
+    model: nn.Module,
+    formats: list[str],
     data: TransferSet,
-    teacher_val: torch.Tensor,
-    student_val: torch.Tensor,
     *,
     staging: Path,
     report: _Reporter,
+    name: str,
 ) -> tuple[list[Artifact], dict[str, Any]]:
-    """Write each requested format plus validation.npz; return the artifacts and export checks."""
+    """Write each requested format of ``model`` as ``{name}.*`` with kinds ``{name}_*``; return
+    the artifacts and the export checks."""
     from core.distill import export
 
-    student = student.cpu().eval()
+    model = model.cpu().eval()
     example = data.x_val[:2].cpu()
     artifacts: list[Artifact] = []
     checks: dict[str, Any] = {}
-    for fmt in spec.export:
-        report.log(f"exporting the student as {fmt}")
-        names = EXPORTS[fmt]
+    for fmt in formats:
+        report.log(f"exporting the {name} as {fmt}")
+        names = [
+            (file.replace("student", name, 1), kind.replace("student", name, 1))
+            for file, kind in EXPORTS[fmt]
+        ]
         path = staging / names[0][0]
         if fmt == "torchscript":
-            export.export_torchscript(student, example, path)
+            export.export_torchscript(model, example, path)
         elif fmt == "onnx":
-            checks["onnx"] = export.export_onnx(student, example, path, check_inputs=data.x_val)
+            checks["onnx"] = export.export_onnx(model, example, path, check_inputs=data.x_val)
         elif fmt == "safetensors":
-            json_path = export.export_safetensors(student, path, example=example)
+            json_path = export.export_safetensors(model, path, example=example)
             assert json_path.name == names[1][0]
-        artifacts.extend(Artifact(name, kind, staging / name) for name, kind in names)
+        artifacts.extend(Artifact(file, kind, staging / file) for file, kind in names)
+    return artifacts, checks
+
+
+def _write_validation(
+    data: TransferSet, teacher_val: torch.Tensor, student_val: torch.Tensor, staging: Path
+) -> None:
+    """validation.npz: the inputs, labels and both models' outputs the result was measured on."""
     arrays: dict[str, np.ndarray] = {
         "x_val": data.x_val.cpu().numpy(),
         "teacher_outputs": teacher_val.numpy(),
@@ -686,8 +862,6 @@ def _export(
     if data.y_val is not None:
         arrays["y_val"] = data.y_val.cpu().numpy()
     np.savez_compressed(staging / "validation.npz", **arrays)
-    artifacts.append(Artifact("validation.npz", "validation_data", staging / "validation.npz"))
-    return artifacts, checks
 
 
 def _publish(staging: Path, out_dir: Path, artifacts: list[Artifact]) -> list[Artifact]:

@@ -464,7 +464,12 @@ class _Run:
             if self.progress is not None:
                 self._report_progress(epoch, i + 1)
         self._check_finite(records, checked, epoch)
-        row: dict[str, Any] = {"stage": self.stage, "epoch": epoch + 1}
+        # The optimizer steps so far: the x axis on which stages and the baseline compare.
+        row: dict[str, Any] = {
+            "stage": self.stage,
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * self.steps_per_epoch,
+        }
         sums = _weighted_sums(records, sizes)
         seen = sum(sizes)
         row["train_loss"] = sums.pop("loss") / seen

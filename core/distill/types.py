@@ -71,7 +71,9 @@ class Event:
     """What the engine reports while it runs.
 
     progress: {stage, stages, epoch, epochs, step, steps, fraction, eta_seconds}
-    metrics:  {stage, epoch, train_loss, val_loss, val_accuracy | val_mse, …} once per epoch
+    metrics:  {stage, epoch, step, train_loss, val_loss, val_accuracy | val_mse, …} once per
+              epoch (``step``: optimizer steps so far); last, once, the delivered student's
+              validation figures ``{label, final: true, val_accuracy, …, verdict}``
     log:      {message}
     """
 

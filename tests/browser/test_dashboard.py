@@ -188,9 +188,18 @@ def test_job_live_curve_result_and_download(
     page.wait_for_selector("#result-table")
 
     events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
-    metrics = [e for e in events["data"] if e["type"] == "metrics"]
+    # Every epoch is a point; the last metrics event (the delivered student's figures) is not.
+    metrics = [e for e in events["data"] if e["type"] == "metrics" and "epoch" in e["data"]]
     assert len(metrics) >= 6  # distilled student, plus the baseline's epochs
     assert page.locator("#loss-chart").get_attribute("data-points") == str(len(metrics))
+    # Curves against optimizer steps: the baseline runs more epochs over its 100 labels, but
+    # as many steps as the student, so both curves end at the same x.
+    assert page.locator("#loss-chart").get_attribute("data-x-axis") == "step"
+    assert page.locator("#loss-chart").get_attribute("data-y-scale") == "log"
+    last = {}
+    for e in metrics:
+        last[e["data"]["label"]] = e["data"]["step"]
+    assert len(set(last.values())) == 1, last
     assert seen == sorted(seen), seen
     growing = [n for n in seen if 0 < n < len(metrics)]
     assert len(growing) >= 2, f"the curve did not grow while the page watched: {seen}"
@@ -232,6 +241,81 @@ def test_job_live_curve_result_and_download(
     assert row.locator("td.accuracy").inner_text() == f"{100 * result['student']['accuracy']:.1f}%"
     assert "→" in row.locator("td.sizes").inner_text()
     screenshot(page, "dashboard-jobs.png")
+
+
+def test_a_baseline_that_beats_the_student_is_a_visible_warning(
+    page: Any, service: Service, digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A teacher that learned the wrong class for every digit, all labels given: the job
+    succeeds, and its page says plainly that the labels-only baseline is better and offers the
+    baseline's files; the jobs table marks it too."""
+    torch.manual_seed(0)
+    wrong = (digits["y_train"] + 3) % 10
+    bad = train_classifier(DigitsCNN(width=8), digits["x_train"], wrong, epochs=8)
+    teacher = save_exported_program(
+        bad, tmp_path / "wrong.pt2", torch.from_numpy(digits["x_train"][:2])
+    )
+    data = tmp_path / "all-labels.npz"
+    np.savez(data, x=digits["x_train"], y=digits["y_train"], x_val=digits["x_test"],
+             y_val=digits["y_test"])  # fmt: skip
+    with teacher.open("rb") as f:
+        model = service.http.post("/v1/models", files={"file": f}, data={"name": "wrong"}).json()
+    with data.open("rb") as f:
+        dataset = service.http.post("/v1/datasets", files={"file": f}).json()
+    spec = {
+        "name": "wrong-teacher",
+        "teacher": {"model_id": model["id"]},
+        "dataset_id": dataset["id"],
+        "student": {"preset": "mlp", "width": 32, "depth": 1},
+        "training": {"epochs": 4, "batch_size": 32, "lr": 0.01},
+        "compression": {"prune": {"amount": 0.25, "structured": True}},
+        "export": ["onnx"],
+    }
+    r = service.http.post("/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 300
+    while _job_status(service, job_id)["status"] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    job = _job_status(service, job_id)
+    assert job["status"] == "succeeded", f"{job['error']}\n{service.log_tail()}"
+    assert job["result"]["verdict"] == "baseline_better"
+
+    with_key(page, service.key).goto(f"/jobs/{job_id}")
+    verdict = page.locator("#verdict")
+    verdict.wait_for(state="visible")
+    assert verdict.get_attribute("data-verdict") == "baseline_better"
+    assert verdict.get_attribute("role") == "alert"
+    text = verdict.inner_text()
+    assert text.startswith("Warning:") and "baseline is better" in text
+    assert f"{100 * job['result']['baseline']['accuracy']:.1f}%" in text
+    page.locator("#artifacts button[data-kind=baseline_onnx]").wait_for()
+    assert "smaller in parameters" in page.locator("#summary").inner_text()
+    # The compression steps, before and after.
+    pruned = page.locator("#compression-table tr[data-step=prune][data-metric=parameters]")
+    step = job["result"]["compression"][0]
+    assert step["after"]["parameters"] < step["before"]["parameters"]
+    assert pruned.locator("td.num").all_inner_texts() == [
+        fmt_count(step["before"]["parameters"]),
+        fmt_count(step["after"]["parameters"]),
+    ]
+    page.locator("details summary").click()
+    assert page.locator("#log li.warning").count() == 1
+    screenshot(page, "dashboard-baseline-better.png")
+
+    page.goto("/")
+    mark = page.locator(f"#jobs-table tr[data-job-id='{job_id}'] .verdict-mark")
+    mark.wait_for()
+    assert "baseline better" in mark.inner_text()
+
+
+def fmt_count(n: int) -> str:
+    """The dashboard's fmtCount: 2400 → '2.4k'."""
+    if n >= 1e6:
+        return f"{n / 1e6:.{0 if n >= 1e7 else 1}f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.{0 if n >= 1e4 else 1}f}k"
+    return str(n)
 
 
 def test_cancel_button(page: Any, service: Service, uploaded: dict[str, Any]) -> None:

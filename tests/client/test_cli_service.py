@@ -79,7 +79,10 @@ def test_submit_wait_with_local_files_then_logs_and_download(
     logs = distill(service, "jobs", "logs", job["id"], "--json")
     events = [json.loads(line) for line in logs.stdout.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert [e["data"]["epoch"] for e in events if e["type"] == "metrics"] == [1, 2]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert [m["epoch"] for m in metrics[:-1]] == [1, 2]
+    assert metrics[-1]["label"] == "delivered student"  # the job's metrics after success
+    assert job["metrics"] == metrics[-1]
     followed = distill(service, "jobs", "logs", job["id"], "--follow")
     assert followed.exit_code == 0, followed.output
     assert "status succeeded" in followed.stdout and "Validation results" in followed.stdout
@@ -168,3 +171,43 @@ def test_entry_point_exit_code_and_message(service: Service, finished_job: Job) 
     )  # fmt: skip
     assert denied.returncode == 1
     assert denied.stderr.strip().startswith("error[unauthorized]: ")
+
+
+def test_a_baseline_that_beats_the_student_is_a_warning_line(
+    service: Service, uploaded: dict[str, Any], tmp_path: Path
+) -> None:
+    """A teacher that learned the wrong class for every digit, all labels given: the job
+    succeeds, `submit --wait` and `jobs show` print a warning line, and the baseline's files
+    can be downloaded beside the student's."""
+    import numpy as np
+    import torch
+
+    from tests.conftest import DigitsCNN, train_classifier
+    from tests.core.model_files import save_exported_program
+
+    data = np.load(uploaded["data_path"])
+    torch.manual_seed(0)
+    wrong = train_classifier(DigitsCNN(width=4), data["x"], (data["y"] + 3) % 10, epochs=40)
+    teacher = save_exported_program(wrong, tmp_path / "wrong.pt2", torch.from_numpy(data["x"][:2]))
+    spec = tiny_spec("x", uploaded["dataset"].id, epochs=20, baseline=True, lr=0.01)
+    spec["teacher"] = {"path": str(teacher)}
+    spec["export"] = ["onnx"]
+
+    r = distill(service, "jobs", "submit", str(write_spec(tmp_path, spec)), "--wait")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, r.stdout
+    assert "baseline beat the distilled student" in warnings[0]
+    assert "verdict: the labels-only baseline is better" in r.stdout
+
+    job = json.loads(distill(service, "jobs", "list", "--json", "--limit", "1").stdout)["data"][0]
+    assert job["status"] == "succeeded" and job["result"]["verdict"] == "baseline_better"
+    assert job["metrics"]["label"] == "delivered student"
+    assert job["metrics"]["val_accuracy"] == job["result"]["student"]["accuracy"]
+    shown = distill(service, "jobs", "show", job["id"])
+    assert any(line.startswith("warning: ") for line in shown.stdout.splitlines()), shown.stdout
+    logs = distill(service, "jobs", "logs", job["id"]).stdout
+    assert "warning: the labels-only baseline beat the distilled student" in logs
+
+    r = distill(service, "jobs", "download", job["id"], "--out", str(tmp_path / "out"), "--json")
+    assert {"student.onnx", "baseline.onnx"} <= {f["name"] for f in json.loads(r.stdout)}

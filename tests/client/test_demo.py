@@ -26,10 +26,13 @@ def test_demo_runs_end_to_end_and_stops_its_service(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Validation results" in proc.stdout and "baseline" in proc.stdout
-    assert "distillation vs labels-only baseline" in proc.stdout
+    # 4 epochs may be too few for KD to pass the labels-only baseline; either way it is said.
+    assert "verdict: " in proc.stdout
+    report = json.loads((out / "student" / "report.json").read_text())
+    if report["result"]["verdict"] == "baseline_better":
+        assert "warning: the labels-only baseline beat" in proc.stdout
     for name in ("student.onnx", "student.pt", "student.safetensors", "report.json"):
         assert (out / "student" / name).stat().st_size > 0, name
-    report = json.loads((out / "student" / "report.json").read_text())
     assert report["result"]["baseline"]["accuracy"] is not None
 
     url = re.search(r"running at (http://127\.0\.0\.1:\d+)", proc.stderr)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.distill.evaluate import VERDICTS
 from core.distill.pipeline import run_job
 from core.distill.types import Event, ModelFile
 from core.errors import Cancelled, ShapeMismatch
@@ -87,6 +88,10 @@ def run(files: dict, tmp_path: Path, spec: dict[str, Any], dataset: str = "label
     return outcome, events
 
 
+def files_val_y(files: dict) -> np.ndarray:
+    return np.load(files["labelled"])["y_val"]
+
+
 def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
     return float((outputs.argmax(-1) == y).mean())
 
@@ -105,8 +110,38 @@ def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path)
     assert result["teacher"]["accuracy"] > 0.95  # the fixture's teacher, measured on x_val
     assert result["student"]["accuracy"] > 0.8
     assert result["student"]["parameters"] < result["teacher"]["parameters"]
-    assert isinstance(result["compression_ratio"], float) and result["compression_ratio"] > 1
+    assert result["parameter_ratio"] == pytest.approx(
+        result["teacher"]["parameters"] / result["student"]["parameters"], rel=1e-3
+    )
+    assert result["size_ratio"] == pytest.approx(
+        result["teacher"]["size_bytes"] / result["student"]["size_bytes"], rel=1e-3
+    )
+    assert result["compression_ratio"] == result["parameter_ratio"]
     assert isinstance(result["speedup"], float)
+    low, high = result["speedup_range"]
+    assert low <= result["speedup"] <= high
+    # Teacher, student and baseline timed in alternating rounds, the student under onnxruntime too.
+    assert result["timing"]["interleaved"] is True and result["timing"]["rounds"] >= 3
+    assert result["timing"]["speedup_runtime"] == "torch"
+    assert isinstance(result["timing"]["noisy"], bool)
+    for side in ("teacher", "student", "baseline"):
+        low, high = result[side]["latency_ms_range"]
+        assert 0 < low <= result[side]["latency_ms_p50"] <= high, side
+    assert result["student"]["latency_ms_p50_onnx"] > 0
+    assert result["student"]["throughput_per_s_onnx"] > 0
+    # The verdict against the labels-only baseline, with its test.
+    assert result["verdict"] in VERDICTS
+    assert result["baseline_comparison"]["test"] == "mcnemar_exact"
+    assert result["baseline_comparison"]["n"] == len(files_val_y(files))
+    assert result["recommended"] == (
+        "baseline" if result["verdict"] == "baseline_better" else "student"
+    )
+    # The last metrics event is the delivered student's (the job's top-level metrics after success);
+    # every epoch's row carries its optimizer step.
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert metrics[-1]["label"] == "delivered student" and metrics[-1]["final"] is True
+    assert metrics[-1]["val_accuracy"] == result["student"]["accuracy"]
+    assert all(m["step"] > 0 for m in metrics[:-1])
     assert result["task"] == "classification" and result["method"] == "kd"
     assert result["device"] == "cpu"
     assert len(result["stages"]) == 1
@@ -114,7 +149,7 @@ def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path)
 
     out = tmp_path / "out"
     names = {a.name: a.kind for a in outcome.artifacts}
-    assert names == {
+    expected = {
         "student.pt": "student_torchscript",
         "student.onnx": "student_onnx",
         "student.safetensors": "student_safetensors",
@@ -122,6 +157,16 @@ def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path)
         "validation.npz": "validation_data",
         "report.json": "report",
     }
+    if result["verdict"] == "baseline_better":  # 3 epochs: plain CE may well win
+        expected.update(
+            {
+                "baseline.pt": "baseline_torchscript",
+                "baseline.onnx": "baseline_onnx",
+                "baseline.safetensors": "baseline_safetensors",
+                "baseline.arch.json": "baseline_arch",
+            }
+        )
+    assert names == expected
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert all(a.path.parent == out for a in outcome.artifacts)
     # Nothing left beside the output folder but the work folder.
@@ -167,6 +212,77 @@ def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path)
     assert accuracy(onnx_out, y_val) == reported
 
 
+def test_a_teacher_wrong_on_most_inputs_loses_to_the_baseline_and_the_job_says_so(
+    files, digits, tmp_path
+):
+    """All labels given and a teacher that learned the wrong class for every digit: the
+    distilled student follows the teacher, the labels-only baseline wins, and the job says so
+    in the result, in a log event, and hands out the baseline's files beside the student's."""
+    torch.manual_seed(2)
+    wrong = (digits["y_train"] + 3) % 10
+    bad = train_classifier(DigitsCNN(width=8), digits["x_train"], wrong, epochs=8)
+    example = torch.from_numpy(digits["x_train"][:2])
+    models = {**files["models"], "bad.pt2": export_program(bad, tmp_path / "bad.pt2", example)}
+    spec = {"teacher": {"path": "bad.pt2"}, "student": {"preset": "mlp", "width": 32}}
+    outcome, events = run({**files, "models": models}, tmp_path / "job", spec)
+    result = outcome.result
+
+    assert result["teacher"]["accuracy"] < 0.2
+    assert result["baseline"]["accuracy"] > result["student"]["accuracy"] + 0.3
+    assert result["verdict"] == "baseline_better"
+    comparison = result["baseline_comparison"]
+    assert comparison["p_value"] < 0.05
+    assert comparison["baseline_only_correct"] > comparison["student_only_correct"]
+    assert result["recommended"] == "baseline"
+    assert "baseline beat the distilled student" in result["warning"]
+    logs = [e.data["message"] for e in events if e.type == "log"]
+    assert any(m.startswith("warning: the labels-only baseline beat") for m in logs), logs
+    final = [e.data for e in events if e.type == "metrics"][-1]
+    assert final["verdict"] == "baseline_better"
+    assert final["val_accuracy"] == result["student"]["accuracy"]
+
+    # The better student is offered: the baseline exported in every requested format.
+    kinds = {a.kind: a.path for a in outcome.artifacts}
+    assert {"student_onnx", "baseline_onnx", "baseline_torchscript", "baseline_safetensors"} <= set(
+        kinds
+    )
+    import onnxruntime as ort
+
+    val = np.load(files["labelled"])
+    session = ort.InferenceSession(str(kinds["baseline_onnx"]), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: val["x_val"]})[0]
+    assert accuracy(out, val["y_val"]) == pytest.approx(result["baseline"]["accuracy"], abs=0.01)
+
+
+def test_an_onnx_teacher_is_compared_with_the_student_under_onnxruntime(
+    files, digits_teacher, digits, tmp_path
+):
+    """The speedup compares like with like: an ONNX teacher runs under onnxruntime, so the
+    speedup is taken against the student under onnxruntime, timed in the same rounds."""
+    from tests.core.model_files import save_onnx
+
+    path = save_onnx(
+        digits_teacher, tmp_path / "teacher.onnx", torch.from_numpy(digits["x_train"][:2])
+    )
+    models = {**files["models"], "teacher.onnx": ModelFile(path=path, format="onnx")}
+    spec = {
+        "teacher": {"path": "teacher.onnx"},
+        "student": {"preset": "mlp", "width": 16, "depth": 1},
+        "training": {"epochs": 1, "baseline": False},
+        "export": [],  # no ONNX asked for: the student is exported for the timing alone
+    }
+    outcome, _ = run({**files, "models": models}, tmp_path / "job", spec)
+    result = outcome.result
+    assert result["timing"]["speedup_runtime"] == "onnxruntime"
+    assert result["student"]["latency_ms_p50_onnx"] > 0
+    low, high = result["speedup_range"]
+    assert low <= result["speedup"] <= high
+    # The median of per-round ratios sits near the ratio of the medians, in the same runtime.
+    ratio = result["teacher"]["latency_ms_p50"] / result["student"]["latency_ms_p50_onnx"]
+    assert low / 1.5 <= ratio <= high * 1.5
+    assert [a.name for a in outcome.artifacts] == ["validation.npz", "report.json"]
+
+
 def test_ensemble_and_two_stage_chain_report_every_stage(files, tmp_path):
     spec = {
         "teacher": None,
@@ -197,7 +313,10 @@ def test_ensemble_and_two_stage_chain_report_every_stage(files, tmp_path):
     assert sorted({p["stage"] for p in progress}) == [1, 2, 3]
     fractions = [p["fraction"] for p in progress]
     assert fractions == sorted(fractions)
-    assert {a.name for a in outcome.artifacts} == {"student.pt", "validation.npz", "report.json"}
+    expected = {"student.pt", "validation.npz", "report.json"}
+    if result["verdict"] == "baseline_better":
+        expected.add("baseline.pt")
+    assert {a.name for a in outcome.artifacts} == expected
 
 
 def test_no_labels_means_no_baseline_and_teacher_agreement_only(files, tmp_path):
@@ -256,7 +375,8 @@ def test_rerun_with_the_same_work_dir_resumes_from_checkpoints(files, tmp_path):
     second, events = run(files, tmp_path, spec)
     resumed = [e.data["message"] for e in events if "resumed" in e.data.get("message", "")]
     assert len(resumed) == 2  # the distilled stage and the baseline
-    assert not [e for e in events if e.type == "metrics"]  # no epoch trained again
+    epochs = [e for e in events if e.type == "metrics" and not e.data.get("final")]
+    assert not epochs  # no epoch trained again
     assert second.result["student"]["accuracy"] == first.result["student"]["accuracy"]
     assert second.result["baseline"]["accuracy"] == first.result["baseline"]["accuracy"]
     # The report still holds every epoch of both runs' training.

@@ -84,7 +84,8 @@ def test_sample_spec_runs_and_writes_artifacts(example_dir: Path, tmp_path: Path
     report = json.loads((out / "report.json").read_text())["result"]
     for column in ("teacher", "student", "baseline"):
         assert column in result.output
-    assert "compression ratio" in result.output and "speedup" in result.output
+    assert "smaller than the teacher" in result.output and "speedup" in result.output
+    assert "verdict: " in result.output
     assert f"{100 * report['student']['accuracy']:.2f} %" in result.output
     # The sample spec prunes: before/after is shown.
     assert "Compression" in result.output and report["compression"][0]["step"] == "prune"

@@ -250,6 +250,7 @@ def test_progress_and_metrics_events(teacher, data, monkeypatch):
     assert all(p["stage"] == 2 and p["stages"] == 3 and p["steps"] == 20 for p in progress)
     assert progress[-1]["eta_seconds"] == 0
     assert metrics == result.history
+    assert [m["step"] for m in metrics] == [10, 20]  # optimizer steps at each epoch's end
     row = metrics[0]
     for key in ("train_loss", "train_kd", "train_ce", "val_loss", "val_accuracy", "lr", "seconds"):
         assert key in row

@@ -199,8 +199,10 @@ def test_distil_download_and_reproduce(
     statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
-    # Exactly one metrics event per epoch, in order.
-    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
+    # Exactly one metrics event per epoch, in order, then the delivered student's figures,
+    # which are the job's metrics after success.
+    assert [m["epoch"] for m in metrics[:-1]] == list(range(1, epochs + 1))
+    assert metrics[-1]["final"] is True and "epoch" not in metrics[-1]
     assert job["metrics"] == metrics[-1]
 
     reported = job["result"]["student"]["accuracy"]

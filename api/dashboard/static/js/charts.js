@@ -1,23 +1,37 @@
 // Training curves with uPlot (vendored, global `uPlot`): one line per stage label and metric,
-// epochs on the x axis, redrawn as metrics events arrive.
+// optimizer steps on the x axis (the baseline gets as many steps as the student, so their
+// curves line up even when it runs more epochs), redrawn as metrics events arrive.
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563"];
 const DASHED = new Set(["val_loss", "val_agreement"]);
 
+/** Where a row sits on the x axis: its optimizer step, or its epoch for older jobs. */
+function position(row) {
+  return typeof row.step === "number" ? row.step : row.epoch;
+}
+
 export class Curves {
-  /** @param {HTMLElement} container  @param {string[]} metrics  @param {string} title */
-  constructor(container, metrics, title) {
+  /**
+   * @param {HTMLElement} container  @param {string[]} metrics  @param {string} title
+   * @param {{log?: boolean}} options  log: a logarithmic y axis (losses span decades)
+   */
+  constructor(container, metrics, title, { log = false } = {}) {
     this.container = container;
     this.metrics = metrics;
     this.title = title;
+    this.log = log;
     this.rows = [];
     this.plot = null;
     this.keys = "";
+    this.axis = "step";
     this.container.dataset.points = "0";
+    this.container.dataset.yScale = log ? "log" : "linear";
   }
 
-  /** One epoch's metrics (an event's data: label, epoch, train_loss, val_accuracy, …). */
+  /** One epoch's metrics (an event's data: label, epoch, step, train_loss, val_accuracy, …).
+   * The job's last metrics event (the delivered student's figures, no epoch) is not a point. */
   add(row) {
+    if (typeof position(row) !== "number") return;
     if (!this.metrics.some((m) => typeof row[m] === "number")) return;
     this.rows.push(row);
     this.render();
@@ -35,13 +49,17 @@ export class Curves {
   }
 
   data(keys) {
-    const epochs = Math.max(...this.rows.map((r) => r.epoch || 0), 1);
-    const xs = Array.from({ length: epochs }, (_, i) => i + 1);
+    const xs = [...new Set(this.rows.map(position))].sort((a, b) => a - b);
+    const at = new Map(xs.map((x, i) => [x, i]));
     const columns = keys.map(() => xs.map(() => null));
     for (const row of this.rows) {
       for (const metric of this.metrics) {
         const k = keys.indexOf(`${row.label || "student"} · ${metric}`);
-        if (k >= 0 && row.epoch >= 1) columns[k][row.epoch - 1] = row[metric];
+        const value = row[metric];
+        // A log axis cannot show 0 or below: such a point is left out rather than drawn wrong.
+        if (k >= 0 && typeof value === "number" && (!this.log || value > 0)) {
+          columns[k][at.get(position(row))] = value;
+        }
       }
     }
     return [xs, ...columns];
@@ -50,8 +68,10 @@ export class Curves {
   render() {
     const keys = this.series();
     const data = this.data(keys);
+    this.axis = this.rows.every((r) => typeof r.step === "number") ? "step" : "epoch";
     this.container.dataset.points = String(this.rows.length);
     this.container.dataset.series = String(keys.length);
+    this.container.dataset.xAxis = this.axis;
     if (this.plot && keys.join("|") === this.keys) {
       this.plot.setData(data);
       return;
@@ -60,15 +80,16 @@ export class Curves {
     this.keys = keys.join("|");
     const labels = [...new Set(this.rows.map((r) => r.label || "student"))];
     const width = Math.max(320, (this.container.clientWidth || 576) - 16); // minus the padding
+    const xLabel = this.axis === "step" ? "optimizer step" : "epoch";
     this.plot = new uPlot(
       {
         title: this.title,
         width,
         height: 260,
-        scales: { x: { time: false } },
-        axes: [{ label: "epoch", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
+        scales: { x: { time: false }, y: this.log ? { distr: 3 } : {} },
+        axes: [{ label: xLabel }, { label: this.log ? "log scale" : undefined }],
         series: [
-          { label: "epoch" },
+          { label: xLabel },
           ...keys.map((key) => {
             const [label, metric] = key.split(" · ");
             const color = COLORS[labels.indexOf(label) % COLORS.length];

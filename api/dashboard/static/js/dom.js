@@ -50,6 +50,12 @@ export function fmtNum(x, digits = 3) {
   return Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(digits);
 }
 
+/** A teacher / student ratio as people say it: 12.3 → "12.3× smaller", 0.5 → "2× larger". */
+export function ratioPhrase(ratio, smaller = "smaller", larger = "larger") {
+  if (typeof ratio !== "number" || ratio <= 0) return DASH;
+  return ratio >= 1 ? `${fmtNum(ratio)}× ${smaller}` : `${fmtNum(1 / ratio)}× ${larger}`;
+}
+
 export function fmtAge(iso) {
   if (!iso) return DASH;
   const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);

@@ -13,6 +13,7 @@ import {
   fmtPct,
   h,
   progressBar,
+  ratioPhrase,
   statusBadge,
 } from "./dom.js";
 
@@ -26,8 +27,21 @@ const ROWS = [
   ["parameters", "Parameters", fmtNum],
   ["size_bytes", "Size", fmtBytes],
   ["latency_ms_p50", "Latency p50 (ms)", fmtNum],
+  ["latency_ms_range", "Latency range over rounds (ms)", fmtRange],
+  ["latency_ms_p50_onnx", "Latency p50, onnxruntime (ms)", fmtNum],
   ["throughput_per_s", "Throughput (/s)", fmtNum],
+  ["throughput_per_s_onnx", "Throughput, onnxruntime (/s)", fmtNum],
 ];
+const VERDICTS = {
+  distillation_helped: "Distillation helped: the student beats the labels-only baseline.",
+  no_significant_difference: "No significant difference between the student and the labels-only baseline.",
+  baseline_better: "The labels-only baseline is better than the distilled student.",
+};
+
+function fmtRange(range) {
+  return Array.isArray(range) ? `${fmtNum(range[0])}–${fmtNum(range[1])}` : DASH;
+}
+
 
 function resultTable(result) {
   const columns = ["teacher", "student", "baseline"].filter((c) => result[c]);
@@ -53,11 +67,54 @@ function resultTable(result) {
 
 function summary(result) {
   const parts = [];
-  if (result.compression_ratio) parts.push(`${result.compression_ratio.toFixed(1)}× fewer bytes`);
-  if (result.speedup) parts.push(`${result.speedup.toFixed(1)}× faster`);
+  const params = result.parameter_ratio ?? result.compression_ratio;
+  if (params) parts.push(`${ratioPhrase(params)} in parameters`);
+  if (result.size_ratio) parts.push(`${ratioPhrase(result.size_ratio)} in bytes`);
+  if (result.speedup) {
+    let speed = ratioPhrase(result.speedup, "faster", "slower");
+    if (Array.isArray(result.speedup_range)) speed += ` (${fmtRange(result.speedup_range)}× over ${(result.timing || {}).rounds || "the"} rounds)`;
+    parts.push(speed);
+  }
   if (result.method) parts.push(`method ${result.method}`);
   if (result.device) parts.push(`on ${result.device}`);
-  return h("p.muted", {}, parts.join(" · "));
+  const line = h("p.muted", { id: "summary" }, `Student against teacher: ${parts.join(" · ")}`);
+  if (!(result.timing && result.timing.noisy)) return line;
+  return [line, h("p.noisy", { id: "noisy" }, "Timing is noisy: the rounds disagree by more than half the median (a busy machine); take the latency figures as rough.")];
+}
+
+function verdictBox(result) {
+  if (!result.verdict) return null;
+  const c = result.baseline_comparison || {};
+  const which = c.student_model === "before_compression" ? " (the student before compression)" : "";
+  const detail = c.metric === "accuracy"
+    ? ` Accuracy ${fmtPct(c.student)}${which} against ${fmtPct(c.baseline)} on ${c.n} validation samples (McNemar's exact test, p = ${c.p_value.toPrecision(2)}).`
+    : c.metric ? ` ${c.metric} ${fmtNum(c.student)} against ${fmtNum(c.baseline)} (${c.test}, p = ${c.p_value.toPrecision(2)}).` : "";
+  const bad = result.verdict === "baseline_better";
+  return h(
+    bad ? "div.verdict.warning" : "div.verdict",
+    { id: "verdict", role: bad ? "alert" : "status", dataset: { verdict: result.verdict } },
+    h("strong", {}, bad ? "Warning: " : "Verdict: "),
+    VERDICTS[result.verdict] || result.verdict,
+    detail,
+    bad ? " Its files (baseline.*) are offered below beside the student's." : "",
+  );
+}
+
+function compressionTable(steps) {
+  if (!steps || !steps.length) return null;
+  const keys = ["accuracy", "agreement", "mse", "parameters", "size_bytes", "latency_ms_p50"];
+  const rows = [];
+  for (const step of steps) {
+    const name = step.step === "quantize" ? `quantize (${step.mode})` : `prune ${fmtPct(step.amount)}${step.structured ? " structured" : ""}`;
+    for (const [key, label, fmt] of ROWS.filter(([k]) => keys.includes(k))) {
+      if (step.before[key] === undefined && step.after[key] === undefined) continue;
+      rows.push(h("tr", { dataset: { step: step.step, metric: key } }, h("th", {}, rows.length && rows[rows.length - 1].dataset.step === step.step ? "" : name), h("td", {}, label), h("td.num", {}, fmt(step.before[key])), h("td.num", {}, fmt(step.after[key]))));
+    }
+  }
+  return [
+    h("h3", {}, "Compression steps"),
+    h("table.result", { id: "compression-table" }, h("thead", {}, h("tr", {}, h("th", {}, "step"), h("th", {}, "metric"), h("th", {}, "before"), h("th", {}, "after"))), h("tbody", {}, rows)),
+  ];
 }
 
 function artifactList(artifacts, onError) {
@@ -116,7 +173,7 @@ export async function render(view, { signal, params }) {
     errorBox.hidden = false;
   };
   const curves = [
-    new Curves(loss, ["train_loss", "val_loss"], "Loss"),
+    new Curves(loss, ["train_loss", "val_loss"], "Loss", { log: true }),
     new Curves(quality, ["val_accuracy", "val_agreement", "val_mse"], "Validation accuracy"),
   ];
   signal.addEventListener("abort", () => curves.forEach((c) => c.destroy()));
@@ -163,7 +220,16 @@ export async function render(view, { signal, params }) {
     if (finished) return;
     finished = true;
     clearTimeout(poll);
-    if (job.result) resultBox.replaceChildren(h("h2", {}, "Result"), resultTable(job.result), summary(job.result));
+    if (job.result) {
+      const parts = [
+        h("h2", {}, "Result"),
+        verdictBox(job.result),
+        resultTable(job.result),
+        summary(job.result),
+        compressionTable(job.result.compression),
+      ];
+      resultBox.replaceChildren(...parts.flat().filter(Boolean));
+    }
     else resultBox.hidden = true;
     const artifacts = await api(`/v1/jobs/${jobId}/artifacts`, { signal });
     artifactBox.replaceChildren(
@@ -184,7 +250,10 @@ export async function render(view, { signal, params }) {
 
   function onEvent(event) {
     if (event.type === "metrics") curves.forEach((c) => c.add(event.data));
-    else if (event.type === "log") log.append(h("li", {}, `${event.data.message || JSON.stringify(event.data)}`));
+    else if (event.type === "log") {
+      const message = `${event.data.message || JSON.stringify(event.data)}`;
+      log.append(h(message.startsWith("warning:") ? "li.warning" : "li", {}, message));
+    }
     else if (event.type === "status") log.append(h("li.muted", {}, `status: ${event.data.status}`));
   }
 

@@ -2,7 +2,18 @@
 // job is active.
 
 import { api, listAll } from "./api.js";
-import { ACTIVE, DASH, fmtAge, fmtBytes, fmtCount, fmtPct, h, progressBar, statusBadge } from "./dom.js";
+import {
+  ACTIVE,
+  DASH,
+  fmtAge,
+  fmtBytes,
+  fmtCount,
+  fmtPct,
+  h,
+  progressBar,
+  ratioPhrase,
+  statusBadge,
+} from "./dom.js";
 
 const REFRESH_MS = 2000;
 
@@ -32,7 +43,8 @@ function sizes(job, models) {
   const right = student
     ? `${fmtCount(student.parameters)} (${fmtBytes(student.size_bytes)})`
     : studentText(job.spec || {});
-  const ratio = result.compression_ratio ? ` · ${result.compression_ratio.toFixed(1)}× smaller` : "";
+  const params = result.parameter_ratio ?? result.compression_ratio;
+  const ratio = params ? ` · ${ratioPhrase(params)}` : "";
   return `${left} → ${right}${ratio}`;
 }
 
@@ -55,13 +67,19 @@ function epochText(job) {
   return `${stage}epoch ${p.epoch}/${p.epochs}`;
 }
 
+/** A succeeded job whose labels-only baseline beat the student is not a plain green success. */
+function verdictMark(job) {
+  if (!job.result || job.result.verdict !== "baseline_better") return null;
+  return h("div.verdict-mark.small", { title: job.result.warning || "" }, "⚠ baseline better");
+}
+
 function row(job, models) {
   const link = h("a", { href: `/jobs/${job.id}`, "data-link": true }, job.name || job.id);
   return h(
     "tr",
     { dataset: { jobId: job.id, status: job.status } },
     h("td", {}, link, job.name ? h("div.muted.small", {}, job.id) : null),
-    h("td", {}, statusBadge(job.status)),
+    h("td", {}, statusBadge(job.status), verdictMark(job)),
     h("td", {}, progressBar(job), h("div.muted.small", {}, epochText(job))),
     h("td", { title: job.created_at }, fmtAge(job.created_at)),
     h("td.sizes", {}, sizes(job, models)),
