@@ -8,6 +8,7 @@ and the best's downloaded ONNX file, timed again with onnxruntime at batch 1, me
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -18,7 +19,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from client.cli import app as cli
+from client.sdk import Client
 from core.auth import create_key
 from core.db import session_factory
 from tests.conftest import DigitsCNN, train_classifier
@@ -54,7 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for k in (owner, other)
     ]
     try:
-        yield {"owner": clients[0], "other": clients[1], "logs": tmp}
+        yield {"owner": clients[0], "other": clients[1], "logs": tmp, "base": base, "key": owner}
     finally:
         worker.stop()
         api.stop()
@@ -160,3 +164,24 @@ def test_search_finds_a_student_within_the_latency_budget(
     listed = http.get("/v1/searches").json()["data"]
     assert [s["id"] for s in listed] == [search_id]
     assert stack["other"].get("/v1/searches").json()["data"] == []
+
+    # The SDK and the CLI read the same search; the CLI prints the table with the best marked.
+    with Client(stack["base"], stack["key"]) as client:
+        found = client.searches.get(search_id)
+        assert found.best_job_id == best_id and {t["job_id"] for t in found.pareto} == set(
+            result["pareto"]
+        )
+    login = ["--url", stack["base"], "--api-key", stack["key"]]
+    runner = CliRunner(env={"COLUMNS": "250"})
+    shown = runner.invoke(cli, ["searches", "get", search_id, *login])
+    assert shown.exit_code == 0, shown.output
+    best_line = next(line for line in shown.output.splitlines() if best_id in line)
+    assert "★" in best_line and f"best within budget: {best_id}" in shown.output
+    listed_cli = runner.invoke(cli, ["searches", "list", *login])
+    assert search_id in listed_cli.output and best_id in listed_cli.output
+    spec_file = tmp_path / "search.json"
+    spec_file.write_text(json.dumps({k: v for k, v in body.items() if k != "budget"}))
+    refused = runner.invoke(
+        cli, ["searches", "submit", str(spec_file), "--max-parameters", "10", *login]
+    )
+    assert refused.exit_code == 2 and "error[invalid_spec]" in refused.output
