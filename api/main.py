@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.hot_routes import HotRoutes
 from api.job_intake import JobIntake
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import artifacts, datasets, jobs, models, ops
+from api.routes import artifacts, datasets, jobs, models, ops, searches
 from api.tenants import TenantResolver
 from core.config import Settings, get_settings, warn_about_isolation
 from core.db import get_engine, get_read_engine, session_factory
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(app.state.sessions, stale_after_seconds=settings.lease_seconds)
 
     install_error_handlers(app)
-    for module in (models, datasets, jobs, artifacts, ops):
+    for module in (models, datasets, jobs, searches, artifacts, ops):
         app.include_router(module.router)
     dashboard.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -129,6 +129,32 @@ class JobPublic(Public):
     finished_at: Timestamp | None
 
 
+SearchStatus = Literal["running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class SearchTrialJob(BaseModel):
+    """A child job of a search, as the search lists it while it runs."""
+
+    id: str
+    status: JobStatus
+    student: dict[str, Any]
+    method: str | None
+
+
+class SearchPublic(BaseModel):
+    id: str
+    name: str | None
+    status: SearchStatus
+    request: dict[str, Any]
+    jobs: list[SearchTrialJob]
+    skipped: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    error: JobErrorBody | None
+    cancel_requested: bool
+    created_at: Timestamp
+    finished_at: Timestamp | None
+
+
 class EventPublic(Public):
     seq: int
     at: Timestamp
@@ -166,6 +192,7 @@ DatasetList = Page[DatasetPublic]
 JobList = Page[JobPublic]
 EventList = Page[EventPublic]
 ArtifactList = Page[ArtifactPublic]
+SearchList = Page[SearchPublic]
 
 
 _ERROR_TEXT = {

@@ -16,6 +16,7 @@ def _register() -> None:
         "client.service_cmds",
         "client.serve_cmds",
         "client.resource_cmds",
+        "client.search_cmds",
         "client.demo_cmd",
     ):
         try:

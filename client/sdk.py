@@ -171,6 +171,53 @@ class Job(Resource):
         return self
 
 
+@dataclass
+class Search(Resource):
+    """A budget search: its child jobs and, once they have ended, the trials and Pareto set."""
+
+    id: str
+    name: str | None
+    status: str
+    request: dict[str, Any]
+    jobs: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    cancel_requested: bool
+    created_at: str
+    finished_at: str | None
+    client: Client | None = field(default=None, repr=False, compare=False, kw_only=True)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def best_job_id(self) -> str | None:
+        """The best trial within the budget, once the search has ended (None if none met it)."""
+        return (self.result or {}).get("best_job_id")
+
+    @property
+    def pareto(self) -> list[dict[str, Any]]:
+        """The Pareto set's trials (accuracy up, latency and size down)."""
+        trials = (self.result or {}).get("trials") or []
+        return [t for t in trials if t.get("pareto")]
+
+    def _api(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("this Search is not bound to a Client; use client.searches.get")
+        return self.client
+
+    def refresh(self) -> Search:
+        return self._api().searches.get(self.id)
+
+    def cancel(self) -> Search:
+        return self._api().searches.cancel(self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> Search:
+        return self._api().searches.wait(self.id, timeout=timeout, poll=poll)
+
+
 T = TypeVar("T")
 
 
@@ -211,6 +258,7 @@ class Client:
         self.models = Models(self)
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
+        self.searches = Searches(self)
         self.artifacts = Artifacts(self)
 
     def __enter__(self) -> Client:
@@ -493,6 +541,60 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[Event]:
             data.append(value.removeprefix(" "))
     if data:
         yield Event.from_dict(json.loads("\n".join(data)))
+
+
+class Searches(_Section):
+    """/v1/searches: budget searches (the best student for a budget)."""
+
+    def _search(self, body: dict[str, Any]) -> Search:
+        search = Search.from_dict(body)
+        search.client = self.client
+        return search
+
+    def create(
+        self,
+        spec: Any,
+        *,
+        budget: dict[str, Any] | None = None,
+        trials: int | None = None,
+        space: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Search:
+        """Start a search from a base spec (no ``student``), a budget (``max_parameters``,
+        ``max_size_bytes``, ``max_latency_ms``), a number of trials and an optional space."""
+        body = dict(spec_dict(spec))
+        extra = {"budget": budget, "trials": trials, "space": space}
+        body.update({k: v for k, v in extra.items() if v is not None})
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self.client.request("POST", "/v1/searches", json=body, headers=headers)
+        return self._search(response.json())
+
+    def list(self, limit: int = 20, after: str | None = None) -> Page[Search]:
+        body = self.client.request("GET", "/v1/searches", params=_form(limit=limit, after=after))
+        return _page(Search, body.json(), self.client)
+
+    def iter(self, page_size: int = 100) -> Iterator[Search]:
+        return _all_pages(lambda after: self.list(limit=page_size, after=after))
+
+    def get(self, search_id: str) -> Search:
+        return self._search(self.client.request("GET", f"/v1/searches/{search_id}").json())
+
+    def cancel(self, search_id: str) -> Search:
+        """Cancel the search and each of its child jobs still queued or running."""
+        path = f"/v1/searches/{search_id}/cancel"
+        return self._search(self.client.request("POST", path).json())
+
+    def wait(self, search_id: str, timeout: float | None = None, poll: float = 1.0) -> Search:
+        """Poll until every trial has ended and the search is settled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (search := self.get(search_id)).done:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"search {search_id} is still {search.status} after {timeout:g} s; wait "
+                    "longer or cancel it"
+                )
+            time.sleep(poll)
+        return search
 
 
 class Artifacts(_Section):

@@ -67,6 +67,15 @@ def estimate_job(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo)
     )
 
 
+def student_parameters(
+    student: StudentSpec, teachers: list[ModelInfo], dataset: DatasetInfo
+) -> int:
+    """The closed-form parameter count of a preset student on this data (0 for an upload)."""
+    sample = list(dataset.x_shape[1:])
+    tokens = dataset.x_dtype.startswith(("int", "uint"))
+    return _student(student.filled(), sample, tokens, _output_dim(teachers, dataset)).parameters
+
+
 def check_budget(
     spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo, settings: Settings
 ) -> Estimate:

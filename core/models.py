@@ -140,6 +140,45 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+SEARCH_STATUSES = ("running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+class Search(Base):
+    """A budget search: its request, the candidates it proposed, and (once every child job has
+    ended) its result. Its trials are the jobs linked to it in ``search_jobs``."""
+
+    __tablename__ = "searches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_searches_tenant_key"),
+        Index("ix_searches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # base spec, budget, trials, space
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # candidates, skipped
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SearchJob(Base):
+    """Which search a job is a trial of (a table of links: the jobs table stays as it is)."""
+
+    __tablename__ = "search_jobs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    search_id: Mapped[str] = mapped_column(
+        ForeignKey("searches.id", ondelete="CASCADE"), index=True
+    )
+
+
 class JobModel(Base):
     """Which models a job uses. The foreign key is what keeps a model from being deleted while
     a job that uses it is stored: the delete route unlinks finished jobs first."""

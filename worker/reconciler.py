@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.jobs import RUNNING_STATUSES, claim_resend, requeue_stale
 from core.models import Job, utcnow
+from core.searches import settle_finished_searches
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ def reconcile(
     send: SendFn | None = None,
     storage: Any | None = None,
 ) -> dict[str, int]:
-    """One pass; returns counts: ``resent``, ``requeued``, ``failed``, ``cancelled``."""
+    """One pass; returns counts: ``resent``, ``requeued``, ``failed``, ``cancelled`` (jobs) and
+    ``searches`` (budget searches settled because their last child had ended)."""
     if send is None:
         from worker.dispatch import send_job as send
     now = now or utcnow()
-    counts = {"resent": 0, "requeued": 0, "failed": 0, "cancelled": 0}
+    counts = {"resent": 0, "requeued": 0, "failed": 0, "cancelled": 0, "searches": 0}
     stale_before = now - timedelta(seconds=settings.lease_seconds)
     with session_factory() as session:
         stale = session.execute(
@@ -79,6 +81,9 @@ def reconcile(
                     settings.requeue_after_seconds,
                 )
                 _send(send, job_id, queue)
+        # A search whose last child ended without a worker to settle it (cancelled while
+        # queued, failed by this pass, or its worker died after the child ended).
+        counts["searches"] = settle_finished_searches(session)
     return counts
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import uuid
+from typing import Any
 
 from core.config import get_settings
 from core.db import session_factory
@@ -49,6 +50,21 @@ def run_job(job_id: str) -> str:
             log.info("job %s failed: %s", job_id, exc)
             return "failed"
         raise
+    finally:
+        _settle_search(sessions, job_id)
+
+
+def _settle_search(sessions: Any, job_id: str) -> None:
+    """Settle the budget search this job is a trial of, if it was its last active child (the
+    reconciler does it otherwise)."""
+    from core.searches import search_of_job, settle_search
+
+    try:
+        with sessions() as session:
+            if (search_id := search_of_job(session, job_id)) is not None:
+                settle_search(session, search_id)
+    except Exception:  # noqa: BLE001 - the reconciler's next pass settles it
+        log.warning("could not settle the search of job %s", job_id, exc_info=True)
 
 
 @celery_app.task(name=RECONCILE_TASK, ignore_result=True)

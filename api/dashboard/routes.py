@@ -72,6 +72,18 @@ def uploads_page() -> FileResponse:
     return _shell()
 
 
+@router.get("/searches")
+def searches_page() -> FileResponse:
+    """The budget searches."""
+    return _shell()
+
+
+@router.get("/searches/{search_id}")
+def search_page(search_id: str) -> FileResponse:
+    """One search: accuracy against latency, the Pareto set and the best within budget."""
+    return _shell()
+
+
 @router.get("/dashboard/config.json")
 def dashboard_config(request: Request) -> dict[str, Any]:
     """What the job form needs: every default of the spec, and whether a key is required."""

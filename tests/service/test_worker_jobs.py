@@ -199,6 +199,7 @@ def test_reconciler_requeues_a_stale_job_then_fails_it(sessions: sessionmaker[Se
         "requeued": 0,
         "failed": 0,
         "cancelled": 0,
+        "searches": 0,
     }
 
 

@@ -5,12 +5,15 @@ import { h } from "./dom.js";
 import { renderNewJob, renderUploads } from "./forms.js";
 import { render as renderJob } from "./job.js";
 import { render as renderJobs } from "./jobs.js";
+import { renderSearch, renderSearches } from "./search.js";
 
 const ROUTES = [
   [/^\/$/, "jobs", renderJobs],
   [/^\/jobs\/new$/, "new", renderNewJob],
   [/^\/jobs\/(?<id>[^/]+)$/, "jobs", renderJob],
   [/^\/uploads$/, "uploads", renderUploads],
+  [/^\/searches$/, "searches", renderSearches],
+  [/^\/searches\/(?<id>[^/]+)$/, "searches", renderSearch],
 ];
 
 const view = document.getElementById("view");
