@@ -33,6 +33,8 @@ from core.distill.types import (
 from core.errors import Cancelled, ClientError, InvalidSpec, ShapeMismatch
 from core.spec import (
     MAX_EPOCHS,
+    AutoFloat,
+    AutoInt,
     JobSpec,
     KDMethod,
     ModelInfo,
@@ -43,6 +45,7 @@ from core.spec import (
     TensorInfo,
     TrainingSpec,
     complete_spec,
+    undecided,
 )
 
 # Artifact file names and kinds (API.md, "Artifacts").
@@ -55,6 +58,9 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 EVAL_BATCH = 512
+STATS_ROWS = 20_000  # rows that give the student's input statistics
+TIME_SHARE = 0.8  # share of max_minutes that auto epochs may plan to fill (the rest: evaluation)
+TUNE_SHARE = 0.6  # share of what is left of max_minutes that tune may use without budget_minutes
 
 
 def model_key(ref: ModelRef | StudentSpec) -> str:
@@ -212,21 +218,37 @@ def _run(
     student: nn.Module | None = None
     stage_results: list[dict[str, Any]] = []
     measured: tuple[dict[str, Any], torch.Tensor] | None = None
+    spec, found = _find_settings(
+        spec,
+        teacher=teacher,
+        models=models,
+        data=data,
+        out_dim=out_dim,
+        n_classes=n_classes,
+        runs=stages,
+        started=started,
+        report=report,
+        should_stop=should_stop,
+    )
+    chain = spec.chain()
     for i, stage in enumerate(chain):
-        student = _distil_stage(
-            stage,
-            index=i,
-            stages=stages,
-            teacher=current,
-            spec=spec,
-            models=models,
-            data=data,
-            out_dim=out_dim,
-            n_classes=n_classes,
-            work_dir=work_dir,
-            report=report,
-            should_stop=should_stop,
-        )
+        if i == 0 and found.tuned is not None:
+            student = _tuned_stage(found.tuned, stages=stages, spec=spec, report=report)
+        else:
+            student = _distil_stage(
+                stage,
+                index=i,
+                stages=stages,
+                teacher=current,
+                spec=spec,
+                models=models,
+                data=data,
+                out_dim=out_dim,
+                n_classes=n_classes,
+                work_dir=work_dir,
+                report=report,
+                should_stop=should_stop,
+            )
         measured = _measure(student, data, teacher_val, task, device)
         method = (stage.distillation or spec.distillation or _default_method(task)).method
         stage_results.append(
@@ -280,6 +302,7 @@ def _run(
     }
     if baseline is not None:
         result["baseline"] = baseline
+    result.update(found.report(spec))
     _check_stop(should_stop)
 
     artifacts, checks = _export(
@@ -359,6 +382,7 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
         outputs=[TensorInfo(shape=[None, *out.shape[1:]], dtype=_dtype(out))],
         trainable=info.trainable,
         arch=info.arch,
+        parameters=int(teacher.parameters) or None,
     )
 
 
@@ -415,7 +439,201 @@ def _build(
         output_dim=out_dim,
         teacher=teacher,
         model_file=model_file,
+        inputs=_stats_sample(data.x_train),
     )
+
+
+def _stats_sample(x: torch.Tensor) -> torch.Tensor:
+    """Up to STATS_ROWS training inputs, drawn the same way every time, for the student's input
+    standardisation (the transfer set's statistics, labeled or not)."""
+    if len(x) <= STATS_ROWS:
+        return x
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:STATS_ROWS]
+    return x[rows.to(x.device)]
+
+
+@dataclass
+class _Found:
+    """What was found on the data before the real training: the lr trials or the tune study."""
+
+    lr_search: Any = None  # search.SearchResult
+    tune: Any = None  # search.SearchResult
+    tuned: Any = None  # the best tune trial's TrainResult (the first stage's student)
+    notes: list[str] = field(default_factory=list)
+
+    def report(self, spec: JobSpec) -> dict[str, Any]:
+        """The result's ``recipe`` (every value chosen automatically, as dotted spec fields)
+        and ``tune`` blocks, and the completed spec."""
+        completed = spec.model_dump(mode="json")
+        recipe: dict[str, Any] = {"chosen": _chosen(completed)}
+        if self.lr_search is not None:
+            recipe["lr_trials"] = [t.as_dict() for t in self.lr_search.trials]
+            recipe["metric"] = self.lr_search.metric
+        if self.notes:
+            recipe["notes"] = list(self.notes)
+        out: dict[str, Any] = {"recipe": recipe, "spec": completed}
+        if self.tune is not None:
+            best = self.tuned
+            out["tune"] = {
+                "metric": self.tune.metric,
+                "trials": [t.as_dict() for t in self.tune.trials],
+                "best": {
+                    "params": {k: float(f"{v:.4g}") for k, v in self.tune.params.items()},
+                    "value": best.best_metric,
+                    "best_epoch": best.best_epoch,
+                },
+            }
+        return out
+
+
+def _chosen(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Every ``{"auto": value}`` of a spec dump, keyed by its dotted field."""
+    if isinstance(node, dict):
+        if set(node) == {"auto"}:
+            return {prefix: node["auto"]}
+        found: dict[str, Any] = {}
+        for key, value in node.items():
+            found.update(_chosen(value, f"{prefix}.{key}" if prefix else key))
+        return found
+    if isinstance(node, list):
+        found = {}
+        for i, value in enumerate(node):
+            found.update(_chosen(value, f"{prefix}.{i}"))
+        return found
+    return {}
+
+
+def _find_settings(
+    spec: JobSpec,
+    *,
+    teacher: Teacher,
+    models: dict[str, ModelFile],
+    data: TransferSet,
+    out_dim: int,
+    n_classes: int | None,
+    runs: int,
+    started: float,
+    report: _Reporter,
+    should_stop: StopFn,
+) -> tuple[JobSpec, _Found]:
+    """Resolve the spec's "auto" values that need the data: ``training.tune`` searches (and
+    trains the first stage's student), else an "auto" lr is found by short trials; then auto
+    epochs are cut, when needed, to fit ``max_minutes``."""
+    from core import recipe
+    from core.distill import search
+    from core.distill.methods import build_method
+    from core.distill.trainer import monitored_metric, train
+
+    found = _Found()
+    training = spec.training
+    first = spec.chain()[0]
+    method_spec = first.distillation or spec.distillation or _default_method(spec.task or "")
+    needs_lr = undecided(training.lr)
+    if training.tune is None and not needs_lr:
+        return spec, found
+
+    def run_trial(
+        settings: TrainingSpec,
+        overrides: dict[str, float],
+        progress: ProgressFn | None,
+        stop: StopFn,
+    ) -> Any:
+        student = _build(
+            first.student, models=models, data=data, out_dim=out_dim, teacher=teacher,
+            seed=settings.seed,
+        )  # fmt: skip
+        method = build_method(
+            method_spec.model_copy(update=overrides),
+            student=student,
+            teacher=teacher,
+            task=spec.task,
+            n_classes=n_classes,
+            epochs=int(settings.epochs),
+        )
+        return train(
+            student, method, data, teacher, settings, task=spec.task or "", progress=progress,
+            should_stop=stop, label="trial",
+        )  # fmt: skip
+
+    report.start("search")
+    batch = int(training.batch_size)
+    per_epoch = recipe.steps_per_epoch(len(data.x_train), min(batch, len(data.x_train)))
+    if training.tune is not None:
+        searched = {
+            "lr": needs_lr,
+            "weight_decay": undecided(training.weight_decay),
+            "temperature": undecided(getattr(method_spec, "temperature", None)),
+            "alpha": undecided(getattr(method_spec, "alpha", None)),
+        }
+        left = training.max_minutes * 60 - (time.monotonic() - started)
+        budget = TUNE_SHARE * left
+        if training.tune.budget_minutes is not None:
+            budget = min(budget, training.tune.budget_minutes * 60)
+        metric, _ = monitored_metric(spec.task or "", data.x_val, data.y_val, True)
+        found.tune = search.tune(
+            run_trial, training, searched, metric=metric, log=report.log,
+            should_stop=should_stop, budget_seconds=budget,
+        )  # fmt: skip
+        found.tuned = found.tune.best
+        chosen = {k: AutoFloat(v) for k, v in found.tune.params.items()}
+        spec = _with_values(spec, chosen)
+        return spec, found
+    found.lr_search = search.find_lr(
+        run_trial, training, per_epoch, log=report.log, should_stop=should_stop
+    )
+    spec = _with_values(spec, {"lr": AutoFloat(found.lr_search.params["lr"])})
+    return _fit_time(spec, found, per_epoch, runs, started, report), found
+
+
+def _with_values(spec: JobSpec, values: dict[str, float]) -> JobSpec:
+    """The spec with found training values (lr, weight_decay) and method values (temperature,
+    alpha) written in."""
+    training = {k: v for k, v in values.items() if k in ("lr", "weight_decay")}
+    method = {k: v for k, v in values.items() if k in ("temperature", "alpha")}
+    update: dict[str, Any] = {"training": spec.training.model_copy(update=training)}
+    if method and spec.distillation is not None:
+        update["distillation"] = spec.distillation.model_copy(update=method)
+    return spec.model_copy(update=update)
+
+
+def _fit_time(
+    spec: JobSpec, found: _Found, per_epoch: int, runs: int, started: float, report: _Reporter
+) -> JobSpec:
+    """Auto epochs cut so that the planned training (every stage and the baseline, at the
+    speed the lr trials measured) fits TIME_SHARE of what is left of ``max_minutes``."""
+    from core import recipe
+
+    training = spec.training
+    rate = found.lr_search.seconds_per_step if found.lr_search is not None else None
+    if not isinstance(training.epochs, AutoInt) or not rate:
+        return spec
+    left = TIME_SHARE * training.max_minutes * 60 - (time.monotonic() - started)
+    fits = max(1, int(left / (rate * per_epoch * runs)))
+    if fits >= training.epochs:
+        return spec
+    update: dict[str, Any] = {"epochs": AutoInt(fits)}
+    if isinstance(training.warmup_epochs, AutoFloat):
+        warmup = training.warmup_epochs * fits / training.epochs
+        update["warmup_epochs"] = AutoFloat(round(warmup, 3))
+    if isinstance(training.early_stopping_patience, AutoInt):
+        update["early_stopping_patience"] = AutoInt(recipe.patience(fits))
+    note = (
+        f"epochs cut from {int(training.epochs)} to {fits} to fit training.max_minutes "
+        f"({training.max_minutes:g}) at the measured {rate * 1000:.2f} ms per step"
+    )
+    found.notes.append(note)
+    report.log(note)
+    return spec.model_copy(update={"training": training.model_copy(update=update)})
+
+
+def _tuned_stage(result: Any, *, stages: int, spec: JobSpec, report: _Reporter) -> nn.Module:
+    """The best tune trial's student as the first stage: its epochs go into the report."""
+    label = f"stage 1/{len(spec.chain())}"
+    report.start(label)
+    report.log(f"{label}: the best tuning trial's student ({result.epochs_run} epochs)")
+    report.keep(result.history)
+    report.stage_done(1, stages)
+    return result.model.eval()
 
 
 def _distil_stage(

@@ -33,7 +33,7 @@ from core.errors import (
     OutOfMemory,
     TrainingDiverged,
 )
-from core.spec import TrainingSpec
+from core.spec import TrainingSpec, concrete_training
 
 CACHE_MEMORY_LIMIT = 1 << 30  # teacher outputs larger than this go to a memory-mapped file
 PROGRESS_INTERVAL = 0.5  # seconds between progress events
@@ -204,6 +204,20 @@ def _resident(t: Tensor | None, device: torch.device) -> Tensor | None:
     return t.to(device)
 
 
+def monitored_metric(
+    task: str, x_val: Tensor, y_val: Tensor | None, has_teacher: bool
+) -> tuple[str, bool]:
+    """The validation metric that picks the best epoch, and whether higher is better."""
+    if len(x_val) == 0:
+        return "train_loss", False
+    if task == "classification":
+        if y_val is not None and y_val.dtype == torch.long and bool((y_val >= 0).any()):
+            return "val_accuracy", True
+        if has_teacher:
+            return "val_agreement", True
+    return "val_loss", False
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -224,6 +238,7 @@ def train(
 ) -> TrainResult:
     """Train ``student`` (owned by ``method``) on ``data``; resume from a checkpoint if present."""
     device = resolve_device(training.device)
+    training = concrete_training(training, len(data.x_train))
     try:
         return _Run(
             student, method, data, teacher, training, task, stage, stages, device,
@@ -277,18 +292,7 @@ class _Run:
         self.total_steps = self.steps_per_epoch * training.epochs
 
     def _monitored_metric(self) -> tuple[str, bool]:
-        if len(self.x_val) == 0:
-            return "train_loss", False
-        if self.task == "classification":
-            if (
-                self.y_val is not None
-                and self.y_val.dtype == torch.long
-                and (self.y_val >= 0).any()
-            ):
-                return "val_accuracy", True
-            if self.teacher is not None:
-                return "val_agreement", True
-        return "val_loss", False
+        return monitored_metric(self.task, self.x_val, self.y_val, self.teacher is not None)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -386,6 +390,7 @@ class _Run:
         )
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
+        self.best_loss = math.inf
         self.best_epoch = 0
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
@@ -559,12 +564,16 @@ class _Run:
     def _update_best(self, epoch: int, row: dict[str, Any]) -> None:
         value = row.get(self.metric)
         value = float(value) if value is not None else None
+        loss = float(row.get("val_loss", math.inf))
+        # An accuracy tie on a small validation split goes to the lower validation loss.
         better = value is not None and (
             self.best_metric is None
             or (value > self.best_metric if self.maximize else value < self.best_metric)
+            or (value == self.best_metric and self.maximize and loss < self.best_loss)
         )
         if better:
             self.best_metric, self.best_epoch, self.bad_epochs = value, epoch + 1, 0
+            self.best_loss = loss
             self.best_state = {
                 k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()
             }
@@ -605,6 +614,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),  # lr_lambdas: [None] for a function
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
+            "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
@@ -632,6 +642,7 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state["best_metric"]
+        self.best_loss = state.get("best_loss", math.inf)
         self.best_epoch = state["best_epoch"]
         self.best_state = state["best_state"]
         self.bad_epochs = state["bad_epochs"]
@@ -714,6 +725,7 @@ def _safe_name(label: str) -> str:
 __all__ = [
     "TeacherOutputs",
     "TrainResult",
+    "monitored_metric",
     "resolve_device",
     "resolve_precision",
     "train",
