@@ -23,7 +23,7 @@ from core.spec import TrainingSpec
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 LR_LIMITS = (1e-5, 0.3)  # how far the grid may be extended
 MAX_EXTENSIONS = 2
-TRIAL_SHARE, MIN_TRIAL_STEPS, MAX_TRIAL_STEPS = 0.15, 100, 400
+TRIAL_SHARE, MIN_TRIAL_STEPS, MAX_TRIAL_STEPS, MAX_TRIAL_SHARE = 0.15, 100, 400, 0.25
 
 # training.tune's search space (log scales for lr and weight decay).
 LR_RANGE = (1e-4, 1e-1)
@@ -72,7 +72,10 @@ class SearchResult:
 
 
 def trial_steps(total_steps: int) -> int:
-    return max(MIN_TRIAL_STEPS, min(MAX_TRIAL_STEPS, round(TRIAL_SHARE * total_steps)))
+    """Steps of one lr trial: 15% of the job's (100 to 400), and never above a quarter of them,
+    so that a short job's search stays short too."""
+    steps = max(MIN_TRIAL_STEPS, min(MAX_TRIAL_STEPS, round(TRIAL_SHARE * total_steps)))
+    return min(steps, round(MAX_TRIAL_SHARE * total_steps))
 
 
 def find_lr(
