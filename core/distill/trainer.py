@@ -42,6 +42,7 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress events
 TEACHER_BATCH = 1024
 DIVERGENCE_CHECK_STEPS = 50  # steps between checks (one host sync) that the loss is finite
 DEVICE_MEMORY_SHARE = 0.5  # share of a GPU's free memory that resident data and cache may use
+SMALL_STEP_WORK = 1 << 24  # parameters × batch below which a CPU step runs on one thread
 
 
 @dataclass
@@ -401,16 +402,17 @@ class _Run:
         self.steps_done = 0
         self.steps_left = (self.spec.epochs - start) * self.steps_per_epoch
         self.last_event = 0.0
-        for epoch in range(start, self.spec.epochs):
-            if self.finished:
-                break
-            row = self._epoch(epoch)
-            self.history.append(row)
-            if self.progress is not None:
-                self.progress(Event("metrics", dict(row)))
-            self._update_best(epoch, row)
-            self.finished = self.stopped_early or epoch + 1 == self.spec.epochs
-            self._save(epoch + 1)
+        with _cpu_threads(self._step_threads()):
+            for epoch in range(start, self.spec.epochs):
+                if self.finished:
+                    break
+                row = self._epoch(epoch)
+                self.history.append(row)
+                if self.progress is not None:
+                    self.progress(Event("metrics", dict(row)))
+                self._update_best(epoch, row)
+                self.finished = self.stopped_early or epoch + 1 == self.spec.epochs
+                self._save(epoch + 1)
         if self.best_state is not None:
             self.student.load_state_dict(self.best_state)
         self.method.eval()
@@ -478,6 +480,14 @@ class _Run:
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.monotonic() - started, 3)
         return row
+
+    def _step_threads(self) -> int | None:
+        """1 for a small step on the CPU (waking intra-op threads costs more than its work,
+        many times more when other processes share the cores), else None (torch's choice)."""
+        if self.device.type != "cpu":
+            return None
+        work = sum(p.numel() for p in self.method.parameters()) * self.spec.batch_size
+        return 1 if work < SMALL_STEP_WORK else None
 
     def _check_finite(self, records: list[dict[str, Tensor]], start: int, epoch: int) -> None:
         """TrainingDiverged naming the first step from ``start`` on whose loss is not finite."""
@@ -662,6 +672,20 @@ class _Run:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Any:
+    """torch's intra-op threads set to ``threads`` inside, restored after (None: unchanged)."""
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _training_rows(
