@@ -150,10 +150,6 @@ def find_lr(
     )
 
 
-class _Pruned(Exception):
-    """Raised inside a trial's training when Optuna prunes it."""
-
-
 def tune(
     run_trial: TrialFn,
     training: TrainingSpec,
@@ -238,7 +234,10 @@ def tune(
     log(f"tuning: up to {n_trials} trials over {', '.join(k for k, v in searched.items() if v)}")
     study.optimize(objective, n_trials=n_trials, timeout=budget_seconds)
     if not best:
-        raise RuntimeError("no tuning trial finished")
+        raise TrainingDiverged(
+            "no tuning trial finished with a finite validation metric; pin training.lr lower "
+            "or remove training.tune"
+        )
     log(
         f"tuning: best of {len(trials)} trials in {time.monotonic() - started:.0f} s: "
         f"{_describe(best['params'])}"
