@@ -308,6 +308,44 @@ def test_every_export_takes_the_teachers_raw_inputs(tmp_path):
         assert torch.allclose(out.detach(), expected, atol=1e-4), name
 
 
+def _wine_job(folder: Path, **given: Any) -> tuple[dict[str, Any], list[str]]:
+    data, teacher, fmt = wine(folder)
+    np.savez(folder / "data.npz", x=data["x"], y=data["y"])
+    body = {"teacher": {"path": str(teacher)}, "dataset_path": "data.npz", **given}
+    events: list = []
+    outcome = run_job(
+        parse_spec(body),
+        models={str(teacher): ModelFile(teacher, fmt)},
+        dataset=folder / "data.npz",
+        out_dir=folder / "out",
+        work_dir=folder / "work",
+        progress=events.append,
+    )
+    return outcome.result, [e.data["message"] for e in events if e.type == "log"]
+
+
+def test_explicit_values_are_used_as_given_and_skip_the_search(tmp_path):
+    pinned = {"epochs": 12, "batch_size": 20, "lr": 0.004, "warmup_epochs": 0.5}
+    student = {"preset": "mlp", "width": 40, "depth": 1}
+    result, logs = _wine_job(
+        tmp_path, student=student, training={**pinned, "early_stopping_patience": 3}
+    )
+    ran = result["spec"]["training"]
+    assert {k: ran[k] for k in pinned} == pinned and ran["early_stopping_patience"] == 3
+    assert result["spec"]["student"] == {**result["spec"]["student"], **student}
+    assert result["recipe"]["chosen"] == {} and "lr_trials" not in result["recipe"]
+    assert not any("learning rate" in m for m in logs)
+
+
+def test_auto_epochs_are_cut_to_fit_max_minutes(tmp_path):
+    # 6 s: the lr trials fit, 143 epochs of the student and the baseline after them do not.
+    result, logs = _wine_job(tmp_path, training={"max_minutes": 0.1})
+    chosen = result["recipe"]["chosen"]
+    assert chosen["training.epochs"] < 143 and chosen["training.batch_size"] == 8
+    assert any("to fit training.max_minutes" in m for m in logs)
+    assert result["recipe"]["notes"]
+
+
 def test_tune_reports_every_trial_and_delivers_the_best(tmp_path):
     data, teacher, fmt = wine(tmp_path)
     np.savez(tmp_path / "data.npz", x=data["x"], y=data["y"])
