@@ -33,8 +33,6 @@ from core.distill.types import (
 from core.errors import Cancelled, ClientError, InvalidSpec, ShapeMismatch
 from core.spec import (
     MAX_EPOCHS,
-    AutoFloat,
-    AutoInt,
     JobSpec,
     KDMethod,
     ModelInfo,
@@ -59,7 +57,7 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
 }
 EVAL_BATCH = 512
 STATS_ROWS = 20_000  # rows that give the student's input statistics
-TIME_SHARE = 0.8  # share of max_minutes that auto epochs may plan to fill (the rest: evaluation)
+TIME_SHARE = 0.8  # share of max_minutes that auto epochs may fill (the rest: evaluation, export)
 TUNE_SHARE = 0.6  # share of what is left of max_minutes that tune may use without budget_minutes
 
 
@@ -232,8 +230,8 @@ def _run(
     )
     chain = spec.chain()
     for i, stage in enumerate(chain):
-        if i == 0 and found.tuned is not None:
-            student = _tuned_stage(found.tuned, stages=stages, spec=spec, report=report)
+        if i == 0 and found.tune is not None:
+            student = _tuned_stage(found.tune.best, stages=stages, spec=spec, report=report)
         else:
             student = _distil_stage(
                 stage,
@@ -302,7 +300,7 @@ def _run(
     }
     if baseline is not None:
         result["baseline"] = baseline
-    result.update(found.report(spec))
+    result.update(found.report(spec.model_dump(mode="json")))
     _check_stop(should_stop)
 
     artifacts, checks = _export(
@@ -452,57 +450,6 @@ def _stats_sample(x: torch.Tensor) -> torch.Tensor:
     return x[rows.to(x.device)]
 
 
-@dataclass
-class _Found:
-    """What was found on the data before the real training: the lr trials or the tune study."""
-
-    lr_search: Any = None  # search.SearchResult
-    tune: Any = None  # search.SearchResult
-    tuned: Any = None  # the best tune trial's TrainResult (the first stage's student)
-    notes: list[str] = field(default_factory=list)
-
-    def report(self, spec: JobSpec) -> dict[str, Any]:
-        """The result's ``recipe`` (every value chosen automatically, as dotted spec fields)
-        and ``tune`` blocks, and the completed spec."""
-        completed = spec.model_dump(mode="json")
-        recipe: dict[str, Any] = {"chosen": _chosen(completed)}
-        if self.lr_search is not None:
-            recipe["lr_trials"] = [t.as_dict() for t in self.lr_search.trials]
-            recipe["metric"] = self.lr_search.metric
-        if self.notes:
-            recipe["notes"] = list(self.notes)
-        out: dict[str, Any] = {"recipe": recipe, "spec": completed}
-        if self.tune is not None:
-            best = self.tuned
-            out["tune"] = {
-                "metric": self.tune.metric,
-                "trials": [t.as_dict() for t in self.tune.trials],
-                "best": {
-                    "params": {k: float(f"{v:.4g}") for k, v in self.tune.params.items()},
-                    "value": best.best_metric,
-                    "best_epoch": best.best_epoch,
-                },
-            }
-        return out
-
-
-def _chosen(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Every ``{"auto": value}`` of a spec dump, keyed by its dotted field."""
-    if isinstance(node, dict):
-        if set(node) == {"auto"}:
-            return {prefix: node["auto"]}
-        found: dict[str, Any] = {}
-        for key, value in node.items():
-            found.update(_chosen(value, f"{prefix}.{key}" if prefix else key))
-        return found
-    if isinstance(node, list):
-        found = {}
-        for i, value in enumerate(node):
-            found.update(_chosen(value, f"{prefix}.{i}"))
-        return found
-    return {}
-
-
 def _find_settings(
     spec: JobSpec,
     *,
@@ -515,7 +462,7 @@ def _find_settings(
     started: float,
     report: _Reporter,
     should_stop: StopFn,
-) -> tuple[JobSpec, _Found]:
+) -> tuple[JobSpec, Any]:
     """Resolve the spec's "auto" values that need the data: ``training.tune`` searches (and
     trains the first stage's student), else an "auto" lr is found by short trials; then auto
     epochs are cut, when needed, to fit ``max_minutes``."""
@@ -524,7 +471,7 @@ def _find_settings(
     from core.distill.methods import build_method
     from core.distill.trainer import monitored_metric, train
 
-    found = _Found()
+    found = search.Found()
     training = spec.training
     first = spec.chain()[0]
     method_spec = first.distillation or spec.distillation or _default_method(spec.task or "")
@@ -574,56 +521,13 @@ def _find_settings(
             run_trial, training, searched, metric=metric, log=report.log,
             should_stop=should_stop, budget_seconds=budget,
         )  # fmt: skip
-        found.tuned = found.tune.best
-        chosen = {k: AutoFloat(v) for k, v in found.tune.params.items()}
-        spec = _with_values(spec, chosen)
-        return spec, found
+        return search.with_values(spec, found.tune.params), found
     found.lr_search = search.find_lr(
         run_trial, training, per_epoch, log=report.log, should_stop=should_stop
     )
-    spec = _with_values(spec, {"lr": AutoFloat(found.lr_search.params["lr"])})
-    return _fit_time(spec, found, per_epoch, runs, started, report), found
-
-
-def _with_values(spec: JobSpec, values: dict[str, float]) -> JobSpec:
-    """The spec with found training values (lr, weight_decay) and method values (temperature,
-    alpha) written in."""
-    training = {k: v for k, v in values.items() if k in ("lr", "weight_decay")}
-    method = {k: v for k, v in values.items() if k in ("temperature", "alpha")}
-    update: dict[str, Any] = {"training": spec.training.model_copy(update=training)}
-    if method and spec.distillation is not None:
-        update["distillation"] = spec.distillation.model_copy(update=method)
-    return spec.model_copy(update=update)
-
-
-def _fit_time(
-    spec: JobSpec, found: _Found, per_epoch: int, runs: int, started: float, report: _Reporter
-) -> JobSpec:
-    """Auto epochs cut so that the planned training (every stage and the baseline, at the
-    speed the lr trials measured) fits TIME_SHARE of what is left of ``max_minutes``."""
-    from core import recipe
-
-    training = spec.training
-    rate = found.lr_search.seconds_per_step if found.lr_search is not None else None
-    if not isinstance(training.epochs, AutoInt) or not rate:
-        return spec
+    spec = search.with_values(spec, found.lr_search.params)
     left = TIME_SHARE * training.max_minutes * 60 - (time.monotonic() - started)
-    fits = max(1, int(left / (rate * per_epoch * runs)))
-    if fits >= training.epochs:
-        return spec
-    update: dict[str, Any] = {"epochs": AutoInt(fits)}
-    if isinstance(training.warmup_epochs, AutoFloat):
-        warmup = training.warmup_epochs * fits / training.epochs
-        update["warmup_epochs"] = AutoFloat(round(warmup, 3))
-    if isinstance(training.early_stopping_patience, AutoInt):
-        update["early_stopping_patience"] = AutoInt(recipe.patience(fits))
-    note = (
-        f"epochs cut from {int(training.epochs)} to {fits} to fit training.max_minutes "
-        f"({training.max_minutes:g}) at the measured {rate * 1000:.2f} ms per step"
-    )
-    found.notes.append(note)
-    report.log(note)
-    return spec.model_copy(update={"training": training.model_copy(update=update)})
+    return search.fit_time(spec, found, per_epoch * runs, left, report.log), found
 
 
 def _tuned_stage(result: Any, *, stages: int, spec: JobSpec, report: _Reporter) -> nn.Module:

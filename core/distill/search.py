@@ -3,7 +3,9 @@
 
 Both train through a :data:`TrialFn` the pipeline gives (its own student, method and trainer),
 so a trial is exactly a short job, and both score a trial on the validation split with the
-trainer's monitored metric (validation accuracy when there are labels).
+trainer's monitored metric (validation accuracy when there are labels). What they find is
+written into the spec as chosen values (:func:`with_values`), auto epochs are cut to the time
+left at the measured speed (:func:`fit_time`), and :class:`Found` reports it all.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import recipe
 from core.distill.trainer import TrainResult
 from core.distill.types import Event, ProgressFn, StopFn
 from core.errors import Cancelled, TrainingDiverged
-from core.spec import TrainingSpec
+from core.spec import AutoFloat, AutoInt, JobSpec, TrainingSpec
 
 # lr trials: a log grid around Adam's usual range, each a short run of the job's own schedule.
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -272,3 +275,94 @@ def _fmt(value: float | None) -> str:
 
 def _describe(params: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in params.items())
+
+
+# --- writing what was found into the spec ------------------------------------------------------
+
+
+@dataclass
+class Found:
+    """What was found on the data before the real training: the lr trials or the tune study."""
+
+    lr_search: SearchResult | None = None
+    tune: SearchResult | None = None  # its ``best`` is the first stage's student
+    notes: list[str] = field(default_factory=list)
+
+    def report(self, completed: dict[str, Any]) -> dict[str, Any]:
+        """The result's ``spec`` (the completed spec as it ran), ``recipe`` (every value chosen
+        automatically, by dotted field, and the lr trials) and ``tune`` blocks."""
+        block: dict[str, Any] = {"chosen": chosen_values(completed)}
+        if self.lr_search is not None:
+            block["lr_trials"] = [t.as_dict() for t in self.lr_search.trials]
+            block["metric"] = self.lr_search.metric
+        if self.notes:
+            block["notes"] = list(self.notes)
+        out: dict[str, Any] = {"spec": completed, "recipe": block}
+        if self.tune is not None and self.tune.best is not None:
+            best = self.tune.best
+            out["tune"] = {
+                "metric": self.tune.metric,
+                "trials": [t.as_dict() for t in self.tune.trials],
+                "best": {
+                    "params": {k: _round(v) for k, v in self.tune.params.items()},
+                    "value": best.best_metric,
+                    "best_epoch": best.best_epoch,
+                },
+            }
+        return out
+
+
+def chosen_values(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Every ``{"auto": value}`` of a spec dump, keyed by its dotted field."""
+    found: dict[str, Any] = {}
+    if isinstance(node, dict):
+        if set(node) == {"auto"}:
+            return {prefix: node["auto"]}
+        for key, value in node.items():
+            found.update(chosen_values(value, f"{prefix}.{key}" if prefix else key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.update(chosen_values(value, f"{prefix}.{i}"))
+    return found
+
+
+def with_values(spec: JobSpec, values: dict[str, float]) -> JobSpec:
+    """The spec with found training values (lr, weight_decay) and method values (temperature,
+    alpha) written in as chosen ones."""
+    training = {k: AutoFloat(v) for k, v in values.items() if k in ("lr", "weight_decay")}
+    method = {k: AutoFloat(v) for k, v in values.items() if k in ("temperature", "alpha")}
+    update: dict[str, Any] = {"training": spec.training.model_copy(update=training)}
+    if method and spec.distillation is not None:
+        update["distillation"] = spec.distillation.model_copy(update=method)
+    return spec.model_copy(update=update)
+
+
+def fit_time(
+    spec: JobSpec,
+    found: Found,
+    steps_per_epoch: int,
+    seconds_left: float,
+    log: Callable[[str], None],
+) -> JobSpec:
+    """Auto epochs cut so that the planned training (``steps_per_epoch`` summed over every run:
+    stages and baseline), at the speed the lr trials measured, fits ``seconds_left``."""
+    training = spec.training
+    rate = found.lr_search.seconds_per_step if found.lr_search is not None else None
+    if not isinstance(training.epochs, AutoInt) or not rate:
+        return spec
+    fits = max(1, int(seconds_left / (rate * steps_per_epoch)))
+    if fits >= training.epochs:
+        return spec
+    update: dict[str, Any] = {"epochs": AutoInt(fits)}
+    if isinstance(training.warmup_epochs, AutoFloat):
+        warmup = training.warmup_epochs * fits / training.epochs
+        update["warmup_epochs"] = AutoFloat(round(warmup, 3))
+    if isinstance(training.early_stopping_patience, AutoInt):
+        update["early_stopping_patience"] = AutoInt(recipe.patience(fits))
+    note = (
+        f"epochs cut from {int(training.epochs)} to {fits} to fit training.max_minutes "
+        f"({training.max_minutes:g}) at the measured {rate * 1000:.2f} ms per step"
+    )
+    found.notes.append(note)
+    log(note)
+    return spec.model_copy(update={"training": training.model_copy(update=update)})
