@@ -495,14 +495,19 @@ FALLBACK_LR = 1e-3  # a trainer called without the pipeline's search
 
 
 def concrete_training(training: TrainingSpec, n_train: int) -> TrainingSpec:
-    """Training settings with no "auto" left: chosen from ``n_train`` as :func:`complete_spec`
-    does, the lr (which the pipeline finds on the data) and weight decay at fixed defaults."""
+    """Training settings as plain numbers, no "auto" left (what the trainer runs with, and
+    pickles into checkpoints): chosen from ``n_train`` as :func:`complete_spec` does, the lr
+    (which the pipeline finds on the data) and weight decay at fixed defaults."""
     training = _complete_training(training, max(n_train, 1))
     update: dict[str, Any] = {}
     if undecided(training.lr):
-        update["lr"] = AutoFloat(FALLBACK_LR)
+        update["lr"] = FALLBACK_LR
     if undecided(training.weight_decay):
-        update["weight_decay"] = AutoFloat(TUNED_DEFAULTS["weight_decay"])
+        update["weight_decay"] = TUNED_DEFAULTS["weight_decay"]
+    for name in type(training).model_fields:
+        value = getattr(training, name)
+        if isinstance(value, AutoInt | AutoFloat):
+            update[name] = int(value) if isinstance(value, AutoInt) else float(value)
     return training.model_copy(update=update) if update else training
 
 

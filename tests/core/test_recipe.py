@@ -346,6 +346,16 @@ def test_auto_epochs_are_cut_to_fit_max_minutes(tmp_path):
     assert result["recipe"]["notes"]
 
 
+def test_a_job_with_chosen_values_resumes_from_its_checkpoints(tmp_path):
+    """Checkpoints hold plain numbers (torch.load(weights_only=True) refuses anything else):
+    the same job run again over its work dir resumes instead of failing or starting over."""
+    training = {"epochs": 15, "baseline": False}
+    first, _ = _wine_job(tmp_path, training=training)
+    again, logs = _wine_job(tmp_path, training=training)
+    assert any(m.startswith("resumed from") for m in logs), logs
+    assert again["student"]["accuracy"] == first["student"]["accuracy"]
+
+
 def test_tune_reports_every_trial_and_delivers_the_best(tmp_path):
     data, teacher, fmt = wine(tmp_path)
     np.savez(tmp_path / "data.npz", x=data["x"], y=data["y"])
