@@ -65,7 +65,7 @@ JOB_MODELS, JOB_DATASETS = JobModel.__table__, JobDataset.__table__
 # The columns of a job that its public form shows (``job_public`` reads them by name).
 PUBLIC_COLUMNS = [JOBS.c[name] for name in JobPublic.model_fields if name in JOBS.c]
 # What validating a spec reads of the uploads it names.
-MODEL_COLUMNS = ("id", "tenant_id", "format", "signature", "trainable", "arch")
+MODEL_COLUMNS = ("id", "tenant_id", "format", "signature", "trainable", "arch", "parameters")
 DATASET_COLUMNS = ("id", "tenant_id", "info")
 
 
@@ -413,6 +413,7 @@ def model_info(model: Model | Row[Any]) -> ModelInfo:
         outputs=model.signature["outputs"],
         trainable=model.trainable,
         arch=model.arch,
+        parameters=model.parameters,
     )
 
 

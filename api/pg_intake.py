@@ -25,9 +25,9 @@ from core.models import Dataset, Model
 
 # Models and datasets in one result; a dataset's row has no format.
 _UPLOADS = (
-    "SELECT id, tenant_id, format, signature, trainable, arch, NULL::json AS info "
+    "SELECT id, tenant_id, format, signature, trainable, arch, parameters, NULL::json AS info "
     f"FROM {Model.__tablename__} WHERE id = ANY(%s) "
-    "UNION ALL SELECT id, tenant_id, NULL, NULL, NULL, NULL, info "
+    "UNION ALL SELECT id, tenant_id, NULL, NULL, NULL, NULL, NULL, info "
     f"FROM {Dataset.__tablename__} WHERE id = ANY(%s)"
 )
 

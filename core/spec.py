@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapSerializer,
+    WrapValidator,
+    model_validator,
+)
 
 from core.errors import InvalidSpec, ShapeMismatch
 
@@ -26,6 +34,60 @@ MAX_BATCH = 65_536
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# --- values the service chooses ("auto") -------------------------------------------------------
+#
+# A field that may be chosen from the data reads, in a spec: absent or "auto" (choose it), a
+# number (the user's, never changed), or {"auto": number} (chosen by the service and written back
+# into the completed spec; sent again, it is used as given). In Python a chosen value is an
+# AutoInt / AutoFloat: a plain number to every calculation, {"auto": …} when serialised.
+
+
+class AutoInt(int):
+    """An int the service chose; serialised as ``{"auto": value}``."""
+
+
+class AutoFloat(float):
+    """A float the service chose; serialised as ``{"auto": value}``."""
+
+
+AUTO = "auto"
+
+
+def undecided(value: Any) -> bool:
+    """Whether a field still waits for the service's choice (``"auto"``)."""
+    return isinstance(value, str) and value == AUTO
+
+
+def _auto_validator(kind: type) -> WrapValidator:
+    def validate(value: Any, handler: Any) -> Any:
+        if isinstance(value, AutoInt | AutoFloat):
+            return value
+        if isinstance(value, dict) and set(value) == {AUTO}:
+            if value[AUTO] is None:
+                return AUTO
+            return (AutoInt if kind is int else AutoFloat)(handler(value[AUTO]))
+        return handler(value)
+
+    return WrapValidator(validate)
+
+
+def _auto_serializer(value: Any, handler: Any) -> Any:
+    if isinstance(value, AutoInt):
+        return {AUTO: int(value)}
+    if isinstance(value, AutoFloat):
+        return {AUTO: float(value)}
+    return handler(value)
+
+
+def Auto(kind: type, **constraints: Any) -> Any:  # noqa: N802 - reads as a type in annotations
+    """A field type: a ``kind`` number within ``constraints``, ``"auto"`` or ``{"auto": n}``."""
+    return Annotated[
+        Annotated[kind, Field(**constraints)] | Literal["auto"],
+        _auto_validator(kind),
+        WrapSerializer(_auto_serializer),
+    ]
 
 
 class ModelRef(StrictModel):
@@ -51,8 +113,8 @@ class StudentSpec(StrictModel):
     """A preset with size knobs, an uploaded trainable model, or a shrunk copy of the teacher."""
 
     preset: Preset | None = None
-    width: int | None = Field(default=None, ge=1, le=8192)
-    depth: int | None = Field(default=None, ge=1, le=64)
+    width: Auto(int, ge=1, le=8192) | None = None  # type: ignore[valid-type]
+    depth: Auto(int, ge=0, le=64) | None = None  # type: ignore[valid-type]  # mlp: 0 is linear
     heads: int | None = Field(default=None, ge=1, le=64)  # transformer only
     dropout: float = Field(default=0.0, ge=0, lt=1)
     model_id: str | None = None
@@ -79,6 +141,8 @@ class StudentSpec(StrictModel):
             raise ValueError(f"give one of preset, model_id, path or shrink, not {kinds}")
         if self.preset is None and any(v is not None for v in (self.width, self.depth, self.heads)):
             raise ValueError("width, depth and heads size a preset; add a preset")
+        if self.depth == 0 and self.preset != "mlp":
+            raise ValueError("depth: 0 (no hidden layer) is for preset mlp only")
         return self
 
     def filled(self) -> StudentSpec:
@@ -109,9 +173,10 @@ class HintPair(StrictModel):
 
 
 class _OutputKD(StrictModel):
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(
-        default=0.9, ge=0, le=1, description="weight of distillation vs hard-label CE"
+    # "auto": chosen by training.tune (4.0 and 0.9 without it); a number is never tuned.
+    temperature: Auto(float, gt=0, le=100) = 4.0  # type: ignore[valid-type]
+    alpha: Auto(float, ge=0, le=1) = Field(  # type: ignore[valid-type]
+        default=0.9, description="weight of distillation vs hard-label CE"
     )
 
 
@@ -177,23 +242,32 @@ class StageSpec(StrictModel):
     distillation: DistillationSpec | None = None  # default: the job's
 
 
+class TuneSpec(StrictModel):
+    """A search over lr, temperature, alpha and weight decay (Optuna), poor trials pruned."""
+
+    trials: int = Field(default=20, ge=1, le=500)
+    budget_minutes: float | None = Field(default=None, gt=0, le=7 * 24 * 60)
+
+
 class TrainingSpec(StrictModel):
-    epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(default=128, ge=1, le=MAX_BATCH)
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    # "auto" (the default): chosen from the data by the engine (docs/SPEC.md, "The recipe").
+    epochs: Auto(int, ge=1, le=MAX_EPOCHS) = AUTO  # type: ignore[valid-type]
+    batch_size: Auto(int, ge=1, le=MAX_BATCH) = AUTO  # type: ignore[valid-type]
+    lr: Auto(float, gt=0, le=10) = AUTO  # type: ignore[valid-type]
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    weight_decay: Auto(float, ge=0, le=1) = 0.01  # type: ignore[valid-type]
     momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
-    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_epochs: Auto(float, ge=0, le=MAX_EPOCHS) = AUTO  # type: ignore[valid-type]
     grad_clip: float | None = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
-    early_stopping_patience: int | None = Field(default=5, ge=1)
+    early_stopping_patience: Auto(int, ge=1) | None = AUTO  # type: ignore[valid-type]
     max_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60)
     cache_teacher_outputs: bool = True
     baseline: bool = True  # also train the student on labels alone, when labels exist
+    tune: TuneSpec | None = None
 
 
 class PruneSpec(StrictModel):
@@ -336,8 +410,11 @@ def _problem(error: Any) -> dict[str, str]:
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the discriminator value ("kd", "mse", …) into error locations.
-    return isinstance(part, str) and part in METHODS
+    # pydantic puts the discriminator value ("kd", "mse", …) and the union member of an "auto"
+    # field ("constrained-int", "literal['auto']") into error locations.
+    return isinstance(part, str) and (
+        part in METHODS or part.startswith(("constrained-", "literal[")) or part in ("int", "float")
+    )
 
 
 # --- completion against the teacher and the dataset --------------------------------------------
@@ -358,6 +435,7 @@ class ModelInfo(StrictModel):
     outputs: list[TensorInfo]
     trainable: bool = False
     arch: str | None = None  # a built-in architecture (safetensors), so `shrink` works
+    parameters: int | None = None  # sizes the default student
 
 
 class DatasetInfo(StrictModel):
@@ -407,14 +485,17 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
         if dataset.n_val
         else int(dataset.n_samples * (1 - spec.training.val_fraction))
     )
-    if spec.training.batch_size > max(n_train, 1):
+    training = _complete_training(spec.training, max(n_train, 1))
+    if training.batch_size > max(n_train, 1):
         raise InvalidSpec(
-            f"batch_size {spec.training.batch_size} is larger than the {n_train} training "
+            f"batch_size {training.batch_size} is larger than the {n_train} training "
             "samples; use a smaller batch_size",
             field="training.batch_size",
         )
     default_method: Any = KDMethod() if task == "classification" else MSEMethod()
-    distillation = spec.distillation or default_method
+    distillation = _tunable(
+        spec.distillation or default_method, spec.training.tune, spec.distillation is None
+    )
     if task == "regression" and distillation.method in ("kd", "dkd"):
         raise InvalidSpec(
             f"method '{distillation.method}' needs class logits; use 'mse' for regression",
@@ -424,13 +505,22 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
     data = spec.model_dump()
     data["task"] = task
     data["distillation"] = distillation.model_dump()
+    data["training"] = training.model_dump()
     if spec.stages is None:
-        data["student"] = (spec.student or StudentSpec()).filled().model_dump()
+        student = spec.student or _default_student(teachers, dataset, out_dim)
+        data["student"] = student.filled().model_dump()
     else:
+        if spec.training.tune is not None:
+            raise InvalidSpec(
+                "training.tune searches the settings of one student; remove stages or tune",
+                field="training.tune",
+            )
         data["stages"] = [
             {
                 "student": s.student.filled().model_dump(),
-                "distillation": (s.distillation.model_dump() if s.distillation else None),
+                "distillation": (
+                    _tunable(s.distillation, None, False).model_dump() if s.distillation else None
+                ),
             }
             for s in spec.stages
         ]
@@ -442,6 +532,83 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
                 field=f"stages.{i}.student.shrink" if spec.stages else "student.shrink",
             )
     return JobSpec.model_validate(data)
+
+
+TUNED_DEFAULTS = {"temperature": 4.0, "alpha": 0.9, "weight_decay": 0.01}
+FALLBACK_LR = 1e-3  # a trainer called without the pipeline's search
+
+
+def concrete_training(training: TrainingSpec, n_train: int) -> TrainingSpec:
+    """Training settings as plain numbers, no "auto" left (what the trainer runs with, and
+    pickles into checkpoints): chosen from ``n_train`` as :func:`complete_spec` does, the lr
+    (which the pipeline finds on the data) and weight decay at fixed defaults."""
+    training = _complete_training(training, max(n_train, 1))
+    update: dict[str, Any] = {}
+    if undecided(training.lr):
+        update["lr"] = FALLBACK_LR
+    if undecided(training.weight_decay):
+        update["weight_decay"] = TUNED_DEFAULTS["weight_decay"]
+    for name in type(training).model_fields:
+        value = getattr(training, name)
+        if isinstance(value, AutoInt | AutoFloat):
+            update[name] = int(value) if isinstance(value, AutoInt) else float(value)
+    return training.model_copy(update=update) if update else training
+
+
+def _tunable(method: Any, tune: TuneSpec | None, default: bool) -> Any:
+    """With ``tune``, a method's temperature and alpha left at their defaults become "auto"
+    (searched); without it, an "auto" one is the default."""
+    update: dict[str, Any] = {}
+    for name in ("temperature", "alpha"):
+        if name not in type(method).model_fields:
+            continue
+        value = getattr(method, name)
+        if tune is not None and (default or name not in method.model_fields_set):
+            update[name] = AUTO if not isinstance(value, AutoFloat) else value
+        elif undecided(value) and tune is None:
+            update[name] = AutoFloat(TUNED_DEFAULTS[name])
+    return method.model_copy(update=update) if update else method
+
+
+def _complete_training(training: TrainingSpec, n_train: int) -> TrainingSpec:
+    """The training settings with every "auto" one chosen from the number of training samples
+    (core/recipe.py); the learning rate is left to the engine, which finds it on the data (or
+    ``tune`` searches it, with the weight decay)."""
+    from core import recipe
+
+    update: dict[str, Any] = {}
+    if training.tune is not None and "weight_decay" not in training.model_fields_set:
+        update["weight_decay"] = AUTO
+    elif undecided(training.weight_decay) and training.tune is None:
+        update["weight_decay"] = AutoFloat(TUNED_DEFAULTS["weight_decay"])
+    batch = training.batch_size
+    if undecided(batch):
+        batch = update["batch_size"] = AutoInt(recipe.batch_size(n_train))
+    n_epochs = training.epochs
+    if undecided(n_epochs):
+        n_epochs = update["epochs"] = AutoInt(recipe.epochs(n_train, min(batch, n_train)))
+    if undecided(training.warmup_epochs):
+        warmup = recipe.warmup_epochs(n_train, min(batch, n_train), n_epochs)
+        update["warmup_epochs"] = AutoFloat(warmup)
+    if undecided(training.early_stopping_patience):
+        update["early_stopping_patience"] = AutoInt(recipe.patience(n_epochs))
+    return training.model_copy(update=update)
+
+
+def _default_student(
+    teachers: list[ModelInfo], dataset: DatasetInfo, out_dim: int | None
+) -> StudentSpec:
+    """No student given: an mlp sized from the teacher's parameters (core/recipe.py), when the
+    inputs are fixed-size floats and the teacher's size is known; else the preset's defaults."""
+    from core import recipe
+
+    sizes = [t.parameters for t in teachers]
+    shape = dataset.x_shape[1:]
+    floats = dataset.x_dtype.startswith(("float", "bfloat"))
+    if not floats or any(d is None for d in shape) or out_dim is None or not all(sizes):
+        return StudentSpec()
+    width, depth = recipe.mlp_size(math.prod(shape), out_dim, sum(sizes))  # type: ignore[arg-type]
+    return StudentSpec(preset="mlp", width=AutoInt(width), depth=AutoInt(depth))
 
 
 def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:

@@ -55,9 +55,10 @@ SPEC_BODY = {
 def job_public(job: Job | Row[Any] | SimpleNamespace) -> JobPublic:
     """The API's job object: progress is filled in with the spec's stage and epoch counts."""
     spec = job.spec or {}
+    epochs = (spec.get("training") or {}).get("epochs")
     progress: dict[str, Any] = {
         "stages": len(spec.get("stages") or []) or 1,
-        "epochs": (spec.get("training") or {}).get("epochs"),
+        "epochs": epochs.get("auto") if isinstance(epochs, dict) else epochs,  # {"auto": n}
         "fraction": 0.0,
     }
     progress.update(job.progress or {})

@@ -43,6 +43,7 @@ from core.spec import (
     TensorInfo,
     TrainingSpec,
     complete_spec,
+    undecided,
 )
 
 # Artifact file names and kinds (API.md, "Artifacts").
@@ -66,6 +67,9 @@ DELIVERED_METRICS = {
     "cosine": "val_cosine_to_teacher",
     "mse_to_labels": "val_mse_to_labels",
 }
+STATS_ROWS = 20_000  # rows that give the student's input statistics
+TIME_SHARE = 0.8  # share of max_minutes that auto epochs may fill (the rest: evaluation, export)
+TUNE_SHARE = 0.6  # share of what is left of max_minutes that tune may use without budget_minutes
 
 
 def model_key(ref: ModelRef | StudentSpec) -> str:
@@ -223,21 +227,37 @@ def _run(
     student: nn.Module | None = None
     stage_results: list[dict[str, Any]] = []
     measured: tuple[dict[str, Any], torch.Tensor] | None = None
+    spec, found = _find_settings(
+        spec,
+        teacher=teacher,
+        models=models,
+        data=data,
+        out_dim=out_dim,
+        n_classes=n_classes,
+        runs=stages,
+        started=started,
+        report=report,
+        should_stop=should_stop,
+    )
+    chain = spec.chain()
     for i, stage in enumerate(chain):
-        student = _distil_stage(
-            stage,
-            index=i,
-            stages=stages,
-            teacher=current,
-            spec=spec,
-            models=models,
-            data=data,
-            out_dim=out_dim,
-            n_classes=n_classes,
-            work_dir=work_dir,
-            report=report,
-            should_stop=should_stop,
-        )
+        if i == 0 and found.tune is not None:
+            student = _tuned_stage(found.tune.best, stages=stages, spec=spec, report=report)
+        else:
+            student = _distil_stage(
+                stage,
+                index=i,
+                stages=stages,
+                teacher=current,
+                spec=spec,
+                models=models,
+                data=data,
+                out_dim=out_dim,
+                n_classes=n_classes,
+                work_dir=work_dir,
+                report=report,
+                should_stop=should_stop,
+            )
         measured = _measure(student, data, teacher_val, task, device)
         method = (stage.distillation or spec.distillation or _default_method(task)).method
         stage_results.append(
@@ -300,6 +320,7 @@ def _run(
             comparison["student_model"] = "before_compression" if compression else "delivered"
             result["verdict"] = comparison["verdict"]
             result["baseline_comparison"] = comparison
+    result.update(found.report(spec.model_dump(mode="json")))
     _check_stop(should_stop)
 
     where = _module_device(student, device)
@@ -438,6 +459,7 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
         outputs=[TensorInfo(shape=[None, *out.shape[1:]], dtype=_dtype(out))],
         trainable=info.trainable,
         arch=info.arch,
+        parameters=int(teacher.parameters) or None,
     )
 
 
@@ -494,7 +516,107 @@ def _build(
         output_dim=out_dim,
         teacher=teacher,
         model_file=model_file,
+        inputs=_stats_sample(data.x_train),
     )
+
+
+def _stats_sample(x: torch.Tensor) -> torch.Tensor:
+    """Up to STATS_ROWS training inputs, drawn the same way every time, for the student's input
+    standardisation (the transfer set's statistics, labeled or not)."""
+    if len(x) <= STATS_ROWS:
+        return x
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:STATS_ROWS]
+    return x[rows.to(x.device)]
+
+
+def _find_settings(
+    spec: JobSpec,
+    *,
+    teacher: Teacher,
+    models: dict[str, ModelFile],
+    data: TransferSet,
+    out_dim: int,
+    n_classes: int | None,
+    runs: int,
+    started: float,
+    report: _Reporter,
+    should_stop: StopFn,
+) -> tuple[JobSpec, Any]:
+    """Resolve the spec's "auto" values that need the data: ``training.tune`` searches (and
+    trains the first stage's student), else an "auto" lr is found by short trials; then auto
+    epochs are cut, when needed, to fit ``max_minutes``."""
+    from core import recipe
+    from core.distill import search
+    from core.distill.methods import build_method
+    from core.distill.trainer import monitored_metric, train
+
+    found = search.Found()
+    training = spec.training
+    first = spec.chain()[0]
+    method_spec = first.distillation or spec.distillation or _default_method(spec.task or "")
+    needs_lr = undecided(training.lr)
+    if training.tune is None and not needs_lr:
+        return spec, found
+
+    def run_trial(
+        settings: TrainingSpec,
+        overrides: dict[str, float],
+        progress: ProgressFn | None,
+        stop: StopFn,
+    ) -> Any:
+        student = _build(
+            first.student, models=models, data=data, out_dim=out_dim, teacher=teacher,
+            seed=settings.seed,
+        )  # fmt: skip
+        method = build_method(
+            method_spec.model_copy(update=overrides),
+            student=student,
+            teacher=teacher,
+            task=spec.task,
+            n_classes=n_classes,
+            epochs=int(settings.epochs),
+        )
+        return train(
+            student, method, data, teacher, settings, task=spec.task or "", progress=progress,
+            should_stop=stop, label="trial",
+        )  # fmt: skip
+
+    report.start("search")
+    batch = int(training.batch_size)
+    per_epoch = recipe.steps_per_epoch(len(data.x_train), min(batch, len(data.x_train)))
+    if training.tune is not None:
+        searched = {
+            "lr": needs_lr,
+            "weight_decay": undecided(training.weight_decay),
+            "temperature": undecided(getattr(method_spec, "temperature", None)),
+            "alpha": undecided(getattr(method_spec, "alpha", None)),
+        }
+        left = training.max_minutes * 60 - (time.monotonic() - started)
+        budget = TUNE_SHARE * left
+        if training.tune.budget_minutes is not None:
+            budget = min(budget, training.tune.budget_minutes * 60)
+        metric, _ = monitored_metric(spec.task or "", data.x_val, data.y_val, True)
+        found.tune = search.tune(
+            run_trial, training, searched, metric=metric, log=report.log,
+            should_stop=should_stop, budget_seconds=budget,
+        )  # fmt: skip
+        return search.with_values(spec, found.tune.params), found
+    found.lr_search = search.find_lr(
+        run_trial, training, per_epoch, log=report.log, should_stop=should_stop
+    )
+    spec = search.with_values(spec, found.lr_search.params)
+    left = TIME_SHARE * training.max_minutes * 60 - (time.monotonic() - started)
+    return search.fit_time(spec, found, per_epoch * runs, left, report.log), found
+
+
+def _tuned_stage(result: Any, *, stages: int, spec: JobSpec, report: _Reporter) -> nn.Module:
+    """The best tune trial's student as the first stage: its epochs go into the report."""
+    label = f"stage 1/{len(spec.chain())}"
+    report.start(label)
+    report.log(f"{label}: the best tuning trial's student ({result.epochs_run} epochs)")
+    report.keep(result.history)
+    report.stage_done(1, stages)
+    return result.model.eval()
 
 
 def _distil_stage(

@@ -32,6 +32,64 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# --- input standardisation ---------------------------------------------------------------------
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the transfer set's statistics kept as buffers: the first module
+    of a preset, so every export takes the same raw inputs as the teacher.
+
+    ``shape`` is the statistics' shape, broadcast against one sample: ``[d]`` per feature,
+    ``[C, 1, 1]`` per channel, ``[1, 1]`` one value for a one-channel image.
+    """
+
+    def __init__(self, shape: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> Standardize:
+        """Set the statistics from samples ``x`` (N, *sample shape), the shape right-aligned as
+        in broadcasting; a constant feature keeps std 1 so it stays constant."""
+        offset = x.dim() - self.mean.dim()
+        keep = {offset + i for i, n in enumerate(self.mean.shape) if n != 1}
+        dims = [d for d in range(x.dim()) if d not in keep]
+        x = x.double()
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, correction=0)
+        std = torch.where(std > 1e-8 * mean.abs().clamp(min=1.0), std, torch.ones_like(std))
+        self.mean.copy_(mean.reshape(self.mean.shape))
+        self.std.copy_(std.reshape(self.std.shape))
+        return self
+
+
+def standardize_shape(preset: str, input_shape: list[int | None]) -> list[int] | None:
+    """The statistics' shape a preset standardises its float inputs with (None: it doesn't)."""
+    if preset == "mlp" and all(d is not None for d in input_shape):
+        return [int(d) for d in input_shape]  # type: ignore[arg-type]  # per feature
+    if preset in ("cnn", "resnet") and len(input_shape) == 3 and input_shape[0] is not None:
+        return [int(input_shape[0]), 1, 1]  # per channel
+    if preset in ("cnn", "resnet") and len(input_shape) == 2:
+        return [1, 1]  # one channel
+    if preset == "transformer" and input_shape and input_shape[-1] is not None:
+        return [int(input_shape[-1])]  # per feature of each position
+    return None
+
+
+def _standardize(shape: list[int] | None) -> nn.Module:
+    return Standardize(shape) if shape else nn.Identity()
+
+
+def input_standardizer(model: nn.Module) -> Standardize | None:
+    """A preset's input standardisation layer, if it has one."""
+    layer = getattr(model, "standardize", None)
+    return layer if isinstance(layer, Standardize) else None
+
+
 # --- presets -----------------------------------------------------------------------------------
 
 
@@ -62,8 +120,10 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         tokens: bool = False,
         vocab_size: int = VOCAB_SIZE,
+        standardize: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.standardize = _standardize(standardize)
         if tokens:
             self.embed: nn.Module = TokenMean(vocab_size, width)
             features = width
@@ -80,7 +140,7 @@ class MLP(nn.Module):
         self.attention_layers: list[str] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.embed(x)))
+        return self.head(self.body(self.embed(self.standardize(x))))
 
 
 def _conv_block(c_in: int, c_out: int, pool: bool, dropout: float) -> nn.Sequential:
@@ -115,8 +175,10 @@ class CNN(nn.Module):
         width: int = 32,
         depth: int = 2,
         dropout: float = 0.0,
+        standardize: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.standardize = _standardize(standardize)
         self.channels_first = len(input_shape) == 3
         c, h, w = _spatial(input_shape)
         size = min(h or 64, w or 64)
@@ -135,6 +197,7 @@ class CNN(nn.Module):
         self.attention_layers = list(self.hint_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x)
         if not self.channels_first:
             x = x.unsqueeze(1)
         return self.head(self.pool(self.blocks(x)))
@@ -172,8 +235,10 @@ class ResNet(nn.Module):
         width: int = 16,
         depth: int = 2,
         dropout: float = 0.0,
+        standardize: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.standardize = _standardize(standardize)
         self.channels_first = len(input_shape) == 3
         c, _, _ = _spatial(input_shape)
         self.stem = nn.Sequential(
@@ -194,6 +259,7 @@ class ResNet(nn.Module):
         self.attention_layers = list(self.hint_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x)
         if not self.channels_first:
             x = x.unsqueeze(1)
         return self.head(self.pool(self.stages(self.stem(x))))
@@ -226,10 +292,12 @@ class Transformer(nn.Module):
         tokens: bool = True,
         vocab_size: int = VOCAB_SIZE,
         max_len: int = MAX_TOKENS,
+        standardize: list[int] | None = None,
     ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        self.standardize = _standardize(standardize)
         self.tokens = tokens
         self.embed: nn.Module = (
             nn.Embedding(vocab_size, width, padding_idx=0)
@@ -256,7 +324,7 @@ class Transformer(nn.Module):
         else:
             padding = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         positions = torch.arange(length, device=x.device)
-        h = self.embed(x) + self.position(positions).unsqueeze(0)
+        h = self.embed(self.standardize(x)) + self.position(positions).unsqueeze(0)
         h = self.norm(self.encoder(h, src_key_padding_mask=padding))
         return self.head(self.pool(h, padding))
 
@@ -296,10 +364,12 @@ def build_student(
     output_dim: int,
     teacher: Teacher | None = None,
     model_file: ModelFile | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> nn.Module:
     """The student a spec asks for, shaped for the data and the teacher's outputs.
 
-    ``input_shape`` is one sample's shape, or the batched shape with ``None`` first.
+    ``input_shape`` is one sample's shape, or the batched shape with ``None`` first. A preset
+    given float ``inputs`` (the transfer set) standardises its inputs with their statistics.
     """
     shape = list(input_shape)
     if shape and shape[0] is None:
@@ -313,7 +383,14 @@ def build_student(
         raise InvalidSpec(
             "the student names an uploaded model but no model file was given", field="student"
         )
-    return build_architecture(spec.preset, _preset_config(spec.filled(), shape, dtype, output_dim))
+    config = _preset_config(spec.filled(), shape, dtype, output_dim)
+    if inputs is not None and inputs.is_floating_point():
+        config["standardize"] = standardize_shape(spec.preset, shape)
+    model = build_architecture(spec.preset, config)
+    layer = input_standardizer(model)
+    if layer is not None and inputs is not None:
+        layer.fit(inputs)
+    return model
 
 
 def _preset_config(
@@ -323,8 +400,8 @@ def _preset_config(
     tokens = dtype.startswith(("int", "uint"))
     config: dict[str, Any] = {
         "output_dim": output_dim,
-        "width": spec.width,
-        "depth": spec.depth,
+        "width": int(spec.width),  # type: ignore[arg-type]
+        "depth": int(spec.depth),  # type: ignore[arg-type]
         "dropout": spec.dropout,
     }
     if preset == "mlp":

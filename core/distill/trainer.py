@@ -33,7 +33,7 @@ from core.errors import (
     OutOfMemory,
     TrainingDiverged,
 )
-from core.spec import TrainingSpec
+from core.spec import TrainingSpec, concrete_training
 
 CACHE_MEMORY_LIMIT = 1 << 30  # teacher outputs larger than this go to a memory-mapped file
 PROGRESS_INTERVAL = 0.5  # seconds between progress events
@@ -42,6 +42,7 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress events
 TEACHER_BATCH = 1024
 DIVERGENCE_CHECK_STEPS = 50  # steps between checks (one host sync) that the loss is finite
 DEVICE_MEMORY_SHARE = 0.5  # share of a GPU's free memory that resident data and cache may use
+SMALL_STEP_WORK = 1 << 24  # parameters × batch below which a CPU step runs on one thread
 
 
 @dataclass
@@ -204,6 +205,20 @@ def _resident(t: Tensor | None, device: torch.device) -> Tensor | None:
     return t.to(device)
 
 
+def monitored_metric(
+    task: str, x_val: Tensor, y_val: Tensor | None, has_teacher: bool
+) -> tuple[str, bool]:
+    """The validation metric that picks the best epoch, and whether higher is better."""
+    if len(x_val) == 0:
+        return "train_loss", False
+    if task == "classification":
+        if y_val is not None and y_val.dtype == torch.long and bool((y_val >= 0).any()):
+            return "val_accuracy", True
+        if has_teacher:
+            return "val_agreement", True
+    return "val_loss", False
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -224,6 +239,7 @@ def train(
 ) -> TrainResult:
     """Train ``student`` (owned by ``method``) on ``data``; resume from a checkpoint if present."""
     device = resolve_device(training.device)
+    training = concrete_training(training, len(data.x_train))
     try:
         return _Run(
             student, method, data, teacher, training, task, stage, stages, device,
@@ -277,18 +293,7 @@ class _Run:
         self.total_steps = self.steps_per_epoch * training.epochs
 
     def _monitored_metric(self) -> tuple[str, bool]:
-        if len(self.x_val) == 0:
-            return "train_loss", False
-        if self.task == "classification":
-            if (
-                self.y_val is not None
-                and self.y_val.dtype == torch.long
-                and (self.y_val >= 0).any()
-            ):
-                return "val_accuracy", True
-            if self.teacher is not None:
-                return "val_agreement", True
-        return "val_loss", False
+        return monitored_metric(self.task, self.x_val, self.y_val, self.teacher is not None)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -386,6 +391,7 @@ class _Run:
         )
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
+        self.best_loss = math.inf
         self.best_epoch = 0
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
@@ -396,16 +402,17 @@ class _Run:
         self.steps_done = 0
         self.steps_left = (self.spec.epochs - start) * self.steps_per_epoch
         self.last_event = 0.0
-        for epoch in range(start, self.spec.epochs):
-            if self.finished:
-                break
-            row = self._epoch(epoch)
-            self.history.append(row)
-            if self.progress is not None:
-                self.progress(Event("metrics", dict(row)))
-            self._update_best(epoch, row)
-            self.finished = self.stopped_early or epoch + 1 == self.spec.epochs
-            self._save(epoch + 1)
+        with _cpu_threads(self._step_threads()):
+            for epoch in range(start, self.spec.epochs):
+                if self.finished:
+                    break
+                row = self._epoch(epoch)
+                self.history.append(row)
+                if self.progress is not None:
+                    self.progress(Event("metrics", dict(row)))
+                self._update_best(epoch, row)
+                self.finished = self.stopped_early or epoch + 1 == self.spec.epochs
+                self._save(epoch + 1)
         if self.best_state is not None:
             self.student.load_state_dict(self.best_state)
         self.method.eval()
@@ -478,6 +485,14 @@ class _Run:
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.monotonic() - started, 3)
         return row
+
+    def _step_threads(self) -> int | None:
+        """1 for a small step on the CPU (waking intra-op threads costs more than its work,
+        many times more when other processes share the cores), else None (torch's choice)."""
+        if self.device.type != "cpu":
+            return None
+        work = sum(p.numel() for p in self.method.parameters()) * self.spec.batch_size
+        return 1 if work < SMALL_STEP_WORK else None
 
     def _check_finite(self, records: list[dict[str, Tensor]], start: int, epoch: int) -> None:
         """TrainingDiverged naming the first step from ``start`` on whose loss is not finite."""
@@ -564,12 +579,16 @@ class _Run:
     def _update_best(self, epoch: int, row: dict[str, Any]) -> None:
         value = row.get(self.metric)
         value = float(value) if value is not None else None
+        loss = float(row.get("val_loss", math.inf))
+        # An accuracy tie on a small validation split goes to the lower validation loss.
         better = value is not None and (
             self.best_metric is None
             or (value > self.best_metric if self.maximize else value < self.best_metric)
+            or (value == self.best_metric and self.maximize and loss < self.best_loss)
         )
         if better:
             self.best_metric, self.best_epoch, self.bad_epochs = value, epoch + 1, 0
+            self.best_loss = loss
             self.best_state = {
                 k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()
             }
@@ -610,6 +629,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),  # lr_lambdas: [None] for a function
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
+            "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
@@ -637,6 +657,7 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state["best_metric"]
+        self.best_loss = state.get("best_loss", math.inf)
         self.best_epoch = state["best_epoch"]
         self.best_state = state["best_state"]
         self.bad_epochs = state["bad_epochs"]
@@ -656,6 +677,20 @@ class _Run:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Any:
+    """torch's intra-op threads set to ``threads`` inside, restored after (None: unchanged)."""
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _training_rows(
@@ -719,6 +754,7 @@ def _safe_name(label: str) -> str:
 __all__ = [
     "TeacherOutputs",
     "TrainResult",
+    "monitored_metric",
     "resolve_device",
     "resolve_precision",
     "train",

@@ -35,7 +35,94 @@ def test_minimal_spec_gets_a_useful_default_student_and_method() -> None:
     assert spec.task == "classification"
     assert spec.distillation.method == "kd"
     assert spec.student.preset == "mlp" and spec.student.width == 128
-    assert spec.training.epochs == 20 and spec.export == ["torchscript", "onnx", "safetensors"]
+    assert spec.export == ["torchscript", "onnx", "safetensors"]
+
+
+def test_training_settings_are_chosen_from_the_data_and_shown_as_auto() -> None:
+    completed = complete_spec(parse_spec(MINIMAL), [TEACHER], DIGITS).model_dump(mode="json")
+    training = completed["training"]
+    # 900 training samples: batches of 32 (29 steps an epoch), 2000 steps' worth of epochs.
+    assert training["batch_size"] == {"auto": 32}
+    assert training["epochs"] == {"auto": 69}
+    assert training["warmup_epochs"]["auto"] > 0
+    assert training["early_stopping_patience"] == {"auto": 23}
+    assert training["lr"] == "auto"  # found on the data when the job runs
+    # The completed spec sent again is the same spec: chosen values are used as given.
+    again = complete_spec(parse_spec(completed), [TEACHER], DIGITS).model_dump(mode="json")
+    assert again == completed
+
+
+def test_explicit_training_values_are_never_overridden() -> None:
+    pinned = {"epochs": 7, "batch_size": 50, "lr": 0.002, "warmup_epochs": 0}
+    spec = complete_spec(
+        parse_spec({**MINIMAL, "training": {**pinned, "early_stopping_patience": None}}),
+        [TEACHER],
+        DIGITS,
+    )
+    training = spec.model_dump(mode="json")["training"]
+    assert {k: training[k] for k in pinned} == pinned
+    assert training["early_stopping_patience"] is None
+
+
+def test_small_datasets_get_small_batches() -> None:
+    wine = DIGITS.model_copy(update={"n_samples": 124, "x_shape": [None, 13], "n_classes": 3})
+    teacher = TEACHER.model_copy(
+        update={
+            "inputs": [TensorInfo(shape=[None, 13], dtype="float32")],
+            "outputs": [TensorInfo(shape=[None, 3], dtype="float32")],
+        }
+    )
+    spec = complete_spec(parse_spec(MINIMAL), [teacher], wine)
+    assert spec.training.batch_size == 8 and spec.training.epochs * 14 >= 2000
+
+
+@pytest.mark.parametrize(
+    ("teacher_parameters", "at_most"),
+    [(90_000, 9_000), (5_000, 2_500), (700, 700)],  # 10×, else 2×, else a linear model
+)
+def test_default_student_is_ten_times_smaller_than_the_teacher_where_it_can_be(
+    teacher_parameters: int, at_most: int
+) -> None:
+    from core.recipe import mlp_parameters
+
+    teacher = TEACHER.model_copy(update={"parameters": teacher_parameters})
+    student = complete_spec(parse_spec(MINIMAL), [teacher], DIGITS).student
+    assert student is not None
+    dumped = student.model_dump(mode="json")
+    assert "auto" in dumped["width"] and "auto" in dumped["depth"]
+    assert mlp_parameters(64, 10, student.width, student.depth) <= at_most
+
+
+def test_a_given_student_is_kept_whatever_the_teacher_size() -> None:
+    teacher = TEACHER.model_copy(update={"parameters": 1_000})
+    spec = complete_spec(
+        parse_spec({**MINIMAL, "student": {"preset": "mlp", "width": 256}}), [teacher], DIGITS
+    )
+    assert spec.student is not None and (spec.student.width, spec.student.depth) == (256, 2)
+
+
+def test_tune_searches_the_settings_left_at_their_defaults() -> None:
+    body = {
+        **MINIMAL,
+        "distillation": {"method": "kd", "temperature": 2.0},
+        "training": {"tune": {"trials": 5}},
+    }
+    completed = complete_spec(parse_spec(body), [TEACHER], DIGITS).model_dump(mode="json")
+    assert completed["distillation"]["temperature"] == 2.0  # given: never tuned
+    assert completed["distillation"]["alpha"] == "auto"
+    assert completed["training"]["lr"] == "auto" and completed["training"]["weight_decay"] == "auto"
+    assert completed["training"]["tune"] == {"trials": 5, "budget_minutes": None}
+
+
+def test_tune_needs_a_single_student() -> None:
+    body = {
+        **MINIMAL,
+        "stages": [{"student": {"preset": "mlp"}}, {"student": {"preset": "mlp", "width": 8}}],
+        "training": {"tune": {"trials": 2}},
+    }
+    with pytest.raises(InvalidSpec) as info:
+        complete_spec(parse_spec(body), [TEACHER], DIGITS)
+    assert info.value.field == "training.tune"
 
 
 def test_regression_targets_choose_mse() -> None:

@@ -90,8 +90,13 @@ def test_create_job_fills_the_spec_queues_and_enqueues(api: Api, setup: dict[str
     spec = job["spec"]
     assert spec["task"] == "classification"  # inferred from the labelled dataset
     assert spec["distillation"]["method"] == "kd"
-    assert spec["student"] == {**spec["student"], "preset": "mlp", "width": 128, "depth": 2}
-    assert job["progress"]["epochs"] == spec["training"]["epochs"] == 20
+    # The default student is sized from the teacher, and what the recipe chose reads as
+    # {"auto": value}; the learning rate is found when the job runs.
+    assert spec["student"]["preset"] == "mlp" and set(spec["student"]["width"]) == {"auto"}
+    training = spec["training"]
+    assert set(training["batch_size"]) == set(training["epochs"]) == {"auto"}
+    assert training["lr"] == "auto"
+    assert job["progress"]["epochs"] == training["epochs"]["auto"]
     assert job["created_at"].endswith("Z") and job["started_at"] is None
     assert api.enqueued == [job["id"]]
 

@@ -237,6 +237,39 @@ def test_distil_download_and_reproduce(
     assert report["result"]["student"]["accuracy"] == reported
 
 
+def test_only_teacher_and_dataset_give_a_student_near_the_teacher(
+    service: Service, tmp_path: Path
+) -> None:
+    """wine with a scikit-learn pipeline teacher: the recipe's choices show in the job as
+    {"auto": …}, and the downloaded student, on raw inputs, is as good as the teacher."""
+    if service.stack != "embedded":
+        pytest.skip("the recipe is the engine's; one stack shows it through HTTP")
+    from tests.core.test_recipe import wine
+
+    data, teacher_file, _ = wine(tmp_path)
+    np.savez(tmp_path / "wine.npz", x=data["x"], y=data["y"])
+    teacher = service.upload("/v1/models", teacher_file, name="wine-logreg")
+    dataset = service.upload("/v1/datasets", tmp_path / "wine.npz", name="wine")
+    spec = {"teacher": {"model_id": teacher["id"]}, "dataset_id": dataset["id"]}
+    r = service.http.post("/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    submitted = r.json()["spec"]
+    assert set(submitted["training"]["batch_size"]) == {"auto"}
+    assert submitted["training"]["lr"] == "auto"
+    job = service.wait(r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    assert result["spec"]["training"]["lr"] == {"auto": result["recipe"]["chosen"]["training.lr"]}
+    assert result["student"]["parameters"] <= result["teacher"]["parameters"]
+
+    import onnxruntime as ort
+
+    files = _download_all(service, job["id"])
+    session = ort.InferenceSession(files["student.onnx"], providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: data["x_test"]})
+    assert _accuracy(logits, data["y_test"]) >= 0.95
+
+
 def test_cancel_a_running_job(service: Service, uploads: dict[str, Any]) -> None:
     spec = _spec(uploads["exported_program"]["id"], uploads["dataset"]["id"], epochs=500)
     spec["training"]["early_stopping_patience"] = None
