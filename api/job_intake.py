@@ -356,6 +356,7 @@ def model_info(model: Model | Row[Any]) -> ModelInfo:
         outputs=model.signature["outputs"],
         trainable=model.trainable,
         arch=model.arch,
+        hf=model.signature.get("hf"),
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from core.errors import ModelInvalid, UnsafeModelFile
 
-FORMATS = ("exported_program", "onnx", "safetensors", "torchscript")
+FORMATS = ("exported_program", "hf", "onnx", "safetensors", "torchscript")
 
 HOW_TO_EXPORT = (
     "export the model instead: torch.export.save(torch.export.export(model, example_inputs), "
@@ -103,6 +103,11 @@ def _sniff_zip(path: Path) -> str:
         return "exported_program"
     if any(n.startswith("code/") for n in inner) and "constants.pkl" in inner:
         return "torchscript"
+    from core.distill.hf.archive import check_hf_archive, is_hf_archive
+
+    if is_hf_archive(names):  # a save_pretrained folder: checked before anything is loaded
+        check_hf_archive(path)
+        return "hf"
     if "data.pkl" in inner or any(n.endswith(".pkl") for n in names):
         raise UnsafeModelFile(
             "the file is a torch.save pickle archive (data.pkl without TorchScript code); "
