@@ -53,6 +53,7 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
         ("student.safetensors", "student_safetensors"),
         ("student.arch.json", "student_arch"),
     ],
+    "hf": [("student_hf.zip", "student_hf")],
 }
 EVAL_BATCH = 512
 
@@ -183,16 +184,36 @@ def _run(
     device = resolve_device(training.device)
     torch.manual_seed(training.seed)
 
-    data = load_transfer_set(
-        dataset, options=dataset_options, val_fraction=training.val_fraction, seed=training.seed
-    )
+    hf_teacher = _hf_teacher(spec, models, device)
+    if hf_teacher is not None:
+        from core.distill.hf.text import load_text_transfer_set
+
+        data = load_text_transfer_set(
+            dataset,
+            hf_teacher.tokenizer,
+            max_length=training.max_length,
+            id2label=hf_teacher.hf.get("id2label"),
+            val_fraction=training.val_fraction,
+            seed=training.seed,
+        )
+    else:
+        data = load_transfer_set(
+            dataset,
+            options=dataset_options,
+            val_fraction=training.val_fraction,
+            seed=training.seed,
+        )
     if len(data.x_val) == 0:
         raise InvalidSpec(
             "the job has no validation samples to measure the student on; set "
             "training.val_fraction above 0 or give x_val in the dataset",
             field="training.val_fraction",
         )
-    teachers, infos = _load_teachers(spec, models, data, device)
+    if hf_teacher is not None:
+        teachers: list[Teacher] = [hf_teacher]
+        infos = [_probe(hf_teacher, data, "teacher", device)]
+    else:
+        teachers, infos = _load_teachers(spec, models, data, device)
     spec = complete_spec(spec, infos, dataset_info(data))
     task = spec.task
     assert task is not None
@@ -296,6 +317,17 @@ def _run(
 # --- inputs ------------------------------------------------------------------------------------
 
 
+def _hf_teacher(spec: JobSpec, models: dict[str, ModelFile], device: torch.device) -> Any:
+    """The teacher when it is an ``hf`` upload (its tokenizer reads the text), else None."""
+    from core.distill.teachers import load_teacher
+
+    refs = spec.teacher_refs()
+    key = model_key(refs[0])
+    if len(refs) != 1 or key not in models or models[key].format != "hf":
+        return None
+    return load_teacher(models[key], device)
+
+
 def _load_teachers(
     spec: JobSpec, models: dict[str, ModelFile], data: TransferSet, device: torch.device
 ) -> tuple[list[Teacher], list[ModelInfo]]:
@@ -330,7 +362,8 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
     """Run the teacher on two real inputs: a shape its signature did not reveal fails here."""
     sample = data.x_train[:2].to(device)
     declared = teacher.info.inputs[0].shape if teacher.info.inputs else None
-    if declared is not None and not _fits(declared[1:], list(sample.shape[1:])):
+    packed = teacher.info.hf is not None  # (N, 2, L) token ids and attention mask
+    if declared is not None and not packed and not _fits(declared[1:], list(sample.shape[1:])):
         raise ShapeMismatch(
             f"the teacher takes inputs of shape {['N', *declared[1:]]} but the dataset's x has "
             f"shape {['N', *sample.shape[1:]]}; upload a dataset shaped like the teacher's input",
@@ -359,6 +392,7 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
         outputs=[TensorInfo(shape=[None, *out.shape[1:]], dtype=_dtype(out))],
         trainable=info.trainable,
         arch=info.arch,
+        hf=info.hf,
     )
 
 
@@ -408,6 +442,11 @@ def _build(
             raise InvalidSpec(f"no model file was given for student '{key}'", field="student")
         model_file = models[key]
     torch.manual_seed(seed)
+    hf_file = model_file is not None and model_file.format == "hf"
+    if student.from_teacher is not None or student.hf_config is not None or hf_file:
+        from core.distill.hf.students import build_hf_student
+
+        return build_hf_student(student, teacher, model_file=model_file, x=data.x_train)  # type: ignore[arg-type]
     return build_student(
         student,
         input_shape=tuple(data.x_train.shape[1:]),
@@ -666,7 +705,12 @@ def _export(
     example = data.x_val[:2].cpu()
     artifacts: list[Artifact] = []
     checks: dict[str, Any] = {}
-    for fmt in spec.export:
+    is_hf = hasattr(student, "tokenizer") and hasattr(student, "run")
+    if is_hf:
+        from core.distill.hf.export import export_hf_student
+
+        artifacts, checks = export_hf_student(student, spec.export, data.x_val, staging, report.log)
+    for fmt in [] if is_hf else spec.export:
         report.log(f"exporting the student as {fmt}")
         names = EXPORTS[fmt]
         path = staging / names[0][0]
@@ -728,6 +772,9 @@ def _describe(student: StudentSpec) -> str:
         return student.preset
     if student.shrink is not None:
         return f"shrunk ({student.shrink:g}×)"
+    if student.from_teacher is not None:
+        small = student.from_teacher.model_dump(exclude_none=True, exclude={"init"})
+        return f"smaller copy of the teacher ({small})"
     return "custom"
 
 
