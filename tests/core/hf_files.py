@@ -122,3 +122,38 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     return Path(path)
+
+
+def train_classifier(
+    folder: Path, *, epochs: int = 8, max_length: int = 48, seed: int = 0
+) -> float:
+    """Fine-tune the classifier saved in ``folder`` on the topic paragraphs (all of them) and
+    save it back; its training accuracy."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    rows = paragraphs()
+    label2id = model.config.label2id
+    enc = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")  # fmt: skip
+    y = torch.tensor([label2id[label] for _, label in rows])
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine more threads are slower
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(32):
+            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx])
+            loss = torch.nn.functional.cross_entropy(out.logits, y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        pred = model(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits.argmax(-1)
+    torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    return float((pred == y).float().mean())
