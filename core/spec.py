@@ -521,6 +521,11 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
             "an ensemble of Hugging Face teachers is not supported; give one teacher",
             field="teachers",
         )
+    if spec.stages is not None and len(spec.stages) > 1:
+        raise InvalidSpec(
+            "a Hugging Face teacher is distilled in one stage; give one student",
+            field="stages",
+        )
     if not dataset.text:
         raise ShapeMismatch(
             "a Hugging Face teacher reads text with its own tokenizer: upload a .jsonl dataset "
