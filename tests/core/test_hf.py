@@ -139,6 +139,14 @@ def test_jsonl_labels_by_the_teachers_names(tokenizer: Any, tmp_path: Path) -> N
         load_text_transfer_set(bad, tokenizer, max_length=8, id2label=id2label)
 
 
+def test_jsonl_validation_lines(tokenizer: Any, tmp_path: Path) -> None:
+    rows = [{"text": f"line {i}", "label": i % 3} for i in range(6)]
+    rows[1]["split"] = rows[4]["split"] = "val"
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    ts = load_text_transfer_set(path, tokenizer, max_length=8, id2label=None, val_fraction=0.5)
+    assert len(ts.x_train) == 4 and ts.y_val is not None and ts.y_val.tolist() == [1, 1]
+
+
 def _hf_info(**hf: Any) -> ModelInfo:
     block = {
         "architecture": "BertForSequenceClassification",

@@ -2,8 +2,10 @@
 
 A line is ``{"text": …, "label": …}``: the label an int, or a name of the teacher's ``id2label``
 (mapped through its ``label2id``, not sorted as for other teachers); ``-1``, ``null`` or absent
-is unlabeled. Texts are tokenised when the job runs, with ``training.max_length`` tokens at
-most, padded to the longest text of the set (one sequence length for every row).
+is unlabeled; ``"split": "val"`` puts a line in the validation split (when any line has it, the
+split is given rather than carved). Texts are tokenised when the job runs, with
+``training.max_length`` tokens at most, padded to the longest text of the set (one sequence
+length for every row).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from core.errors import DatasetInvalid
 ENCODE_CHUNK = 4096  # texts per tokenizer call
 
 
-def read_jsonl(path: Path) -> tuple[list[str], list[Any]]:
-    """The texts and raw labels (None where absent) of a .jsonl file."""
+def read_jsonl(path: Path) -> tuple[list[str], list[Any], list[bool]]:
+    """The texts, raw labels (None where absent) and validation marks of a .jsonl file."""
     texts: list[str] = []
     labels: list[Any] = []
+    val: list[bool] = []
     with Path(path).open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -38,11 +41,15 @@ def read_jsonl(path: Path) -> tuple[list[str], list[Any]]:
                 raise DatasetInvalid(
                     f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'
                 )
+            split = row.get("split", "train")
+            if split not in ("train", "val"):
+                raise DatasetInvalid(f'line {lineno}: "split" is "train" or "val", not {split!r}')
             texts.append(row["text"])
             labels.append(row.get("label"))
+            val.append(split == "val")
     if not texts:
         raise DatasetInvalid("the .jsonl file has no lines; upload a file with samples")
-    return texts, labels
+    return texts, labels, val
 
 
 def label_ids(labels: list[Any], label2id: dict[str, int] | None) -> np.ndarray | None:
@@ -82,7 +89,7 @@ def load_text_transfer_set(
     seed: int = 0,
 ) -> TransferSet:
     """A ``.jsonl`` file as a transfer set of packed (N, 2, L) token inputs."""
-    texts, raw = read_jsonl(path)
+    texts, raw, is_val = read_jsonl(path)
     label2id = {name: int(i) for i, name in (id2label or {}).items()}
     y = label_ids(raw, label2id)
     parts = [
@@ -97,7 +104,19 @@ def load_text_transfer_set(
         x[row : row + len(p), :, : p.shape[-1]] = p.numpy()
         row += len(p)
     names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
-    ts = _to_transfer_set(_Arrays(x, y, class_names=names), val_fraction, seed)
+    arrays = _Arrays(x, y, class_names=names)
+    val = np.asarray(is_val)
+    if val.any():
+        if val.all():
+            raise DatasetInvalid('every line has "split": "val"; the student needs training lines')
+        arrays = _Arrays(
+            x[~val],
+            None if y is None else y[~val],
+            x[val],
+            None if y is None else y[val],
+            class_names=names,
+        )
+    ts = _to_transfer_set(arrays, val_fraction, seed)
     ts.text = True
     if names:
         ts.n_classes = len(names)
