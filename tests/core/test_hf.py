@@ -366,3 +366,29 @@ def test_default_job_exports_reload_and_reproduce(
     teacher = _teacher(teacher_zip)
     text = "the for statement"
     assert tokenizer(text)["input_ids"] == teacher.tokenizer(text)["input_ids"]
+
+
+def test_embedder_distils_with_mse_and_cosine(tmp_path: Path, tokenizer: Any) -> None:
+    encoder = zip_folder(tiny_bert(tmp_path / "enc", tokenizer=tokenizer, labels=None),
+                         tmp_path / "enc.zip")  # fmt: skip
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t, _ in paragraphs()])
+    outcome = _job(encoder, texts, tmp_path, training={"epochs": 2, "max_length": 48})
+    result = outcome.result
+    assert result["task"] == "regression" and result["method"] == "mse"
+    assert result["student"]["cosine"] > 0.9 and "mse" in result["student"]
+    assert result["export"]["onnx"]["output"] == "embeddings"
+
+
+def test_dynamic_int8_student_exports(teacher_zip: Path, texts: Path, tmp_path: Path) -> None:
+    outcome = _job(
+        teacher_zip,
+        texts,
+        tmp_path,
+        training={"epochs": 1, "max_length": 32, "baseline": False},
+        compression={"quantize": "dynamic_int8"},
+    )
+    result = outcome.result
+    step = result["compression"][0]
+    assert step["step"] == "quantize" and step["after"]["size_bytes"] < step["before"]["size_bytes"]
+    assert result["export"]["onnx"]["quantization"] == "dynamic_int8"
+    assert result["export"]["hf"]["quantization"] == "dynamic_int8"
