@@ -392,3 +392,25 @@ def test_dynamic_int8_student_exports(teacher_zip: Path, texts: Path, tmp_path: 
     assert step["step"] == "quantize" and step["after"]["size_bytes"] < step["before"]["size_bytes"]
     assert result["export"]["onnx"]["quantization"] == "dynamic_int8"
     assert result["export"]["hf"]["quantization"] == "dynamic_int8"
+
+
+def test_distill_run_writes_the_unzipped_folder(
+    teacher_zip: Path, texts: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    spec = {
+        "teacher": {"path": str(teacher_zip)},
+        "dataset_path": str(texts),
+        "training": {"epochs": 1, "max_length": 32, "baseline": False, "device": "cpu"},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "spec.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"student_hf.zip", "student.onnx", "report.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForSequenceClassification.from_pretrained(out / "student_hf")
+    assert model.config.num_hidden_layers == 1 and model.config.id2label[0] == "compound"
