@@ -447,6 +447,10 @@ def _build(
         from core.distill.hf.students import build_hf_student
 
         return build_hf_student(student, teacher, model_file=model_file, x=data.x_train)  # type: ignore[arg-type]
+    vocab = None
+    if not data.x_train.is_floating_point() and len(data.x_train):
+        top = max(int(data.x_train.max()), int(data.x_val.max()) if len(data.x_val) else 0)
+        vocab = top + 1  # token ids of the data's own tokenizer: the embedding must hold them
     return build_student(
         student,
         input_shape=tuple(data.x_train.shape[1:]),
@@ -454,6 +458,7 @@ def _build(
         output_dim=out_dim,
         teacher=teacher,
         model_file=model_file,
+        vocab_size=vocab,
     )
 
 

@@ -294,10 +294,13 @@ def build_student(
     output_dim: int,
     teacher: Teacher | None = None,
     model_file: ModelFile | None = None,
+    vocab_size: int | None = None,
 ) -> nn.Module:
     """The student a spec asks for, shaped for the data and the teacher's outputs.
 
     ``input_shape`` is one sample's shape, or the batched shape with ``None`` first.
+    ``vocab_size``: token inputs' largest id + 1, when it is more than the byte tokenizer's
+    (ids from another tokenizer): the presets' embedding tables are sized to fit it.
     """
     shape = list(input_shape)
     if shape and shape[0] is None:
@@ -311,7 +314,10 @@ def build_student(
         raise InvalidSpec(
             "the student names an uploaded model but no model file was given", field="student"
         )
-    return build_architecture(spec.preset, _preset_config(spec.filled(), shape, dtype, output_dim))
+    config = _preset_config(spec.filled(), shape, dtype, output_dim)
+    if config.get("tokens") and vocab_size is not None and vocab_size > VOCAB_SIZE:
+        config["vocab_size"] = int(vocab_size)
+    return build_architecture(spec.preset, config)
 
 
 def _preset_config(
