@@ -88,6 +88,9 @@ def _rezip(folder: Path, path: Path, extra: dict[str, bytes] | None = None, **co
 def test_archive_detected_and_refusals_say_what_to_do(teacher_dir: Path, tmp_path: Path) -> None:
     assert detect_format(zip_folder(teacher_dir, tmp_path / "ok.zip")) == "hf"
     assert detect_format(zip_folder(teacher_dir, tmp_path / "top.zip", top="m"), "hf") == "hf"
+    from client.sdk import _zip_folder  # what the SDK and CLI send for a folder
+
+    assert detect_format(_zip_folder(teacher_dir, tmp_path / "sdk.zip")) == "hf"
 
     with pytest.raises(UnsafeModelFile, match=r"safe_serialization=True"):
         detect_format(_rezip(teacher_dir, tmp_path / "bin.zip", {"pytorch_model.bin": b"x"}))
