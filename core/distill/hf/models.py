@@ -96,12 +96,12 @@ class HFModel(nn.Module):
 
 
 def model_class(config: Any, task: str) -> Any:
-    """The class to instantiate: the config's own architecture for a classifier, else the
-    family's base model (its encoder without a head)."""
+    """The auto class to instantiate: the family's sequence classifier, or its base model (the
+    encoder without a head) for feature extraction."""
     import transformers
 
     if task == "sequence_classification":
-        return getattr(transformers, config.architectures[0])
+        return transformers.AutoModelForSequenceClassification
     return transformers.AutoModel
 
 
