@@ -417,3 +417,30 @@ def test_distill_run_writes_the_unzipped_folder(
     assert {"student_hf.zip", "student.onnx", "report.json"} <= {p.name for p in out.iterdir()}
     model = AutoModelForSequenceClassification.from_pretrained(out / "student_hf")
     assert model.config.num_hidden_layers == 1 and model.config.id2label[0] == "compound"
+
+
+def test_a_rerun_resumes_from_the_checkpoints(
+    teacher_zip: Path, texts: Path, tmp_path: Path
+) -> None:
+    spec = parse_spec({
+        "teacher": {"path": "teacher.zip"},
+        "dataset_path": "topics.jsonl",
+        "distillation": {"method": "hidden"},
+        "training": {"epochs": 2, "batch_size": 64, "max_length": 32, "device": "cpu"},
+    })  # fmt: skip
+    runs = []
+    for _ in range(2):
+        logs: list[str] = []
+        outcome = run_job(
+            spec,
+            models={"teacher.zip": ModelFile(teacher_zip, "hf")},
+            dataset=texts,
+            out_dir=tmp_path / "out",
+            work_dir=tmp_path / "work",
+            progress=lambda e, logs=logs: logs.append(e.data.get("message", "")),
+        )
+        runs.append((outcome.result, logs))
+    assert not any("resumed" in m for m in runs[0][1])
+    assert any("resumed" in m for m in runs[1][1])
+    for key in ("accuracy", "kl_to_teacher"):
+        assert runs[1][0]["student"][key] == runs[0][0]["student"][key]
