@@ -419,6 +419,7 @@ def test_distill_run_writes_the_unzipped_folder(
     assert model.config.num_hidden_layers == 1 and model.config.id2label[0] == "compound"
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_checkpoints(
     teacher_zip: Path, texts: Path, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -185,9 +186,8 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> Tensor:
 class HFTeacher(ModuleTeacher):
     """A frozen ``hf`` model: ``features`` names ``hidden_states.i`` and ``attentions.i``."""
 
-    def __init__(self, module: HFModel, info: ModelInfo, size_bytes: int, folder: Path) -> None:
+    def __init__(self, module: HFModel, info: ModelInfo, size_bytes: int) -> None:
         super().__init__(module, info, size_bytes=size_bytes)
-        self.folder = folder
         self.hf = hf_block(module)
 
     @property
@@ -224,8 +224,13 @@ class HFTeacher(ModuleTeacher):
 
 def load_hf_teacher(file: ModelFile, device: torch.device | str = "cpu") -> HFTeacher:
     """Unzip an ``hf`` upload into a temporary folder (of this process) and load it."""
-    folder = extract_hf_archive(file.path, Path(tempfile.mkdtemp(prefix="hf-model-")))
-    module = load_folder(folder)
+    work = Path(tempfile.mkdtemp(prefix="hf-model-"))
+    try:
+        folder = extract_hf_archive(file.path, work)
+        module = load_folder(folder)
+        size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # loaded: the unpacked copy is not needed
     x = encode(module.tokenizer, ["a probe sentence", "another"], 16)
     try:
         with torch.no_grad():
@@ -242,7 +247,6 @@ def load_hf_teacher(file: ModelFile, device: torch.device | str = "cpu") -> HFTe
         trainable=True,
         arch=None,
     )
-    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    teacher = HFTeacher(module, info, size, folder)
+    teacher = HFTeacher(module, info, size)
     teacher.info = info.model_copy(update={"hf": teacher.hf})
     return teacher.to(device)  # type: ignore[return-value]
