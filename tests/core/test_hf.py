@@ -445,3 +445,31 @@ def test_a_rerun_resumes_from_the_checkpoints(
     assert any("resumed" in m for m in runs[1][1])
     for key in ("accuracy", "kl_to_teacher"):
         assert runs[1][0]["student"][key] == runs[0][0]["student"][key]
+
+
+def test_uploaded_hf_student_with_the_teachers_vocabulary(
+    teacher_zip: Path, texts: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    small = tiny_bert(tmp_path / "small", tokenizer=tokenizer, layers=1, hidden=32, heads=2)
+    other = tiny_bert(tmp_path / "other", tokenizer=train_tokenizer(600), layers=1, hidden=32)
+    models = {
+        "teacher.zip": ModelFile(teacher_zip, "hf"),
+        "small.zip": ModelFile(zip_folder(small, tmp_path / "small.zip"), "hf"),
+        "other.zip": ModelFile(zip_folder(other, tmp_path / "other.zip"), "hf"),
+    }
+    body = {
+        "teacher": {"path": "teacher.zip"},
+        "dataset_path": "topics.jsonl",
+        "training": {"epochs": 1, "max_length": 32, "baseline": False, "device": "cpu"},
+    }
+    outcome = run_job(
+        parse_spec({**body, "student": {"path": "small.zip"}}),
+        models=models, dataset=texts, out_dir=tmp_path / "out", work_dir=tmp_path / "w1",
+    )  # fmt: skip
+    assert outcome.result["student"]["parameters"] < outcome.result["teacher"]["parameters"]
+    with pytest.raises(InvalidSpec, match="another vocabulary") as err:
+        run_job(
+            parse_spec({**body, "student": {"path": "other.zip"}}),
+            models=models, dataset=texts, out_dir=tmp_path / "out2", work_dir=tmp_path / "w2",
+        )  # fmt: skip
+    assert err.value.field == "student"
