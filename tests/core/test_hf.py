@@ -495,3 +495,22 @@ def test_mse_cosine_term_by_hand() -> None:
     assert losses["mse"].item() == pytest.approx(0.75)
     assert losses["cosine"].item() == pytest.approx(0.5)
     assert losses["loss"].item() == pytest.approx(0.75 + 2 * 0.5)
+
+
+def test_hf_only_fields_refused_for_other_teachers() -> None:
+    onnx = ModelInfo(
+        format="onnx",
+        inputs=[{"shape": [None, 80], "dtype": "int64"}],
+        outputs=[{"shape": [None, 3], "dtype": "float32"}],
+    )
+    base = {"teacher": {"model_id": "m"}, "dataset_id": "d"}
+    cases = [
+        ({**base, "student": {"from_teacher": {"layers": 2}}}, "student.from_teacher"),
+        ({**base, "student": {"hf_config": {"hidden_size": 64}}}, "student.hf_config"),
+        ({**base, "distillation": {"method": "hidden"}}, "distillation.method"),
+        ({**base, "export": ["hf"]}, "export"),
+    ]
+    for body, field in cases:
+        with pytest.raises(InvalidSpec) as err:
+            complete_spec(parse_spec(body), [onnx], _text_data())
+        assert err.value.field == field
