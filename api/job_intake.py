@@ -353,6 +353,7 @@ def resolve_spec(
         if student.model_id is None:
             continue
         model = _model_for(uploads, tenant, ModelRef(model_id=student.model_id), field_name)
+        _check_hf_student(teachers, model, field_name)
         if not model.trainable:
             raise InvalidSpec(
                 f"model '{model.id}' ({model.format}) cannot be trained; a student must be an "
@@ -379,6 +380,27 @@ def resolve_spec(
     completed = complete_spec(spec, infos, dataset)
     check_budget(completed, infos, dataset, settings)
     return completed, list(dict.fromkeys(used))
+
+
+def _check_hf_student(teachers: list[Row[Any]], student: Row[Any], field_name: str) -> None:
+    """An hf teacher's uploaded student is an hf model with the teacher's vocabulary."""
+    teacher_hf = teachers[0].signature.get("hf") if teachers else None
+    if teacher_hf is None:
+        return
+    student_hf = student.signature.get("hf")
+    if student_hf is None:
+        raise InvalidSpec(
+            f"model '{student.id}' is a {student.format} file; a Hugging Face teacher's "
+            "student is an hf upload (a save_pretrained zip) with the teacher's tokenizer",
+            field=f"{field_name}.model_id",
+        )
+    if student_hf.get("vocab_sha256") != teacher_hf.get("vocab_sha256"):
+        raise InvalidSpec(
+            f"model '{student.id}' has another vocabulary than the teacher (vocab_size "
+            f"{student_hf.get('vocab_size')} vs {teacher_hf.get('vocab_size')}), so their token "
+            "ids do not match; save the student with the teacher's tokenizer",
+            field=field_name,
+        )
 
 
 def _model_for(uploads: Uploads, tenant: Tenant, ref: ModelRef, field_name: str) -> Row[Any]:
@@ -414,6 +436,7 @@ def model_info(model: Model | Row[Any]) -> ModelInfo:
         trainable=model.trainable,
         arch=model.arch,
         parameters=model.parameters,
+        hf=model.signature.get("hf"),
     )
 
 

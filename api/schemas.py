@@ -59,6 +59,8 @@ class ErrorResponse(BaseModel):
 class Signature(BaseModel):
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
+    # hf uploads: architecture, model_type, task, num_labels, id2label, vocab_size, sizes
+    hf: dict[str, Any] | None = None
 
 
 class ModelPublic(Public):

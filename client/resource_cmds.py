@@ -124,8 +124,11 @@ def model_table(models: list[Any]) -> Table:
     for m in models:
         params = f"{m.parameters:,}" if m.parameters is not None else "–"
         sig = m.signature or {}
+        fmt = m.format
+        if sig.get("hf"):  # a Hugging Face model: its class says more than its input shapes
+            fmt = f"hf ({sig['hf'].get('architecture')})"
         table.add_row(
-            m.id, m.name, m.format, params, _shape(sig, "inputs"), _shape(sig, "outputs"),
+            m.id, m.name, fmt, params, _shape(sig, "inputs"), _shape(sig, "outputs"),
             m.created_at[:19],
         )  # fmt: skip
     return table
@@ -133,7 +136,13 @@ def model_table(models: list[Any]) -> Table:
 
 @models_app.command("upload")
 def models_upload(
-    path: Annotated[Path, typer.Argument(help="Model file (.pt2, .onnx, .pt, .safetensors).")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Model file (.pt2, .onnx, .pt, .safetensors), or a Hugging Face "
+            "save_pretrained folder (zipped on the way) or its .zip."
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="Name (default: the file's stem).")] = None,
     format: Annotated[str | None, typer.Option(help="Format (detected when absent).")] = None,
     arch: Annotated[str | None, typer.Option(help="safetensors: built-in architecture.")] = None,

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -144,6 +145,12 @@ def execute(
     )
     if work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
+    for artifact in outcome.artifacts:
+        if artifact.kind == "student_hf":  # also unzipped, ready for from_pretrained
+            folder = out / "student_hf"
+            shutil.rmtree(folder, ignore_errors=True)
+            with zipfile.ZipFile(artifact.path) as zf:
+                zf.extractall(folder)
     return outcome.result
 
 

@@ -25,7 +25,7 @@ from core.errors import InvalidSpec, ShapeMismatch
 
 Task = Literal["classification", "regression"]
 Preset = Literal["mlp", "cnn", "resnet", "transformer"]
-ExportFormat = Literal["torchscript", "onnx", "safetensors"]
+ExportFormat = Literal["torchscript", "onnx", "safetensors", "hf"]
 Quantization = Literal["none", "dynamic_int8", "fp16", "static_int8"]
 
 MAX_EPOCHS = 10_000
@@ -109,8 +109,24 @@ class WeightedModelRef(ModelRef):
     weight: float = Field(default=1.0, gt=0)
 
 
+class FromTeacher(StrictModel):
+    """An ``hf`` teacher's own architecture made smaller (API.md, "Students of an hf teacher").
+
+    Unset sizes keep the teacher's (``heads`` and ``intermediate_size`` follow a smaller
+    ``hidden_size``); weights come from the teacher (every k-th layer; the most important
+    channels and heads) unless ``init`` is ``random``.
+    """
+
+    layers: int | None = Field(default=None, ge=1, le=256)
+    hidden_size: int | None = Field(default=None, ge=8, le=16384)
+    intermediate_size: int | None = Field(default=None, ge=8, le=65536)
+    heads: int | None = Field(default=None, ge=1, le=256)
+    init: Literal["teacher", "random"] = "teacher"
+
+
 class StudentSpec(StrictModel):
-    """A preset with size knobs, an uploaded trainable model, or a shrunk copy of the teacher."""
+    """A preset with size knobs, an uploaded trainable model, a shrunk copy of the teacher, or
+    (``hf`` teachers) the teacher made smaller or a fresh model of its family."""
 
     preset: Preset | None = None
     width: Auto(int, ge=1, le=8192) | None = None  # type: ignore[valid-type]
@@ -122,6 +138,8 @@ class StudentSpec(StrictModel):
     format: str | None = None
     arch: str | None = None
     shrink: float | None = Field(default=None, gt=0, lt=1)
+    from_teacher: FromTeacher | None = None
+    hf_config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> StudentSpec:
@@ -132,13 +150,18 @@ class StudentSpec(StrictModel):
                 ("model_id", self.model_id),
                 ("path", self.path),
                 ("shrink", self.shrink),
+                ("from_teacher", self.from_teacher),
+                ("hf_config", self.hf_config),
             )
             if v is not None
         ]
         if not kinds:
             self.preset = "mlp"
         elif len(kinds) > 1:
-            raise ValueError(f"give one of preset, model_id, path or shrink, not {kinds}")
+            raise ValueError(
+                "give one of preset, model_id, path, shrink, from_teacher or hf_config, "
+                f"not {kinds}"
+            )
         if self.preset is None and any(v is not None for v in (self.width, self.depth, self.heads)):
             raise ValueError("width, depth and heads size a preset; add a preset")
         if self.depth == 0 and self.preset != "mlp":
@@ -191,6 +214,8 @@ class MSEMethod(StrictModel):
 
     method: Literal["mse"] = "mse"
     alpha: float = Field(default=1.0, ge=0, le=1, description="weight of MSE vs hard-label loss")
+    # embedders: add cosine_weight · (1 − cos(s, t)) (sentence-embedding distillation)
+    cosine_weight: float = Field(default=0.0, ge=0)
 
 
 class DKDMethod(StrictModel):
@@ -219,6 +244,18 @@ class AttentionMethod(_OutputKD):
     hints: list[HintPair] = Field(default_factory=list)
     beta: float = Field(default=1000.0, ge=0)
     p: float = Field(default=2.0, gt=0)
+    # hf models: TinyBERT/MiniLM attention KL; student layer i (1-based) → teacher layer
+    layer_map: list[int] | None = Field(default=None, max_length=256)
+    attention_weight: float = Field(default=1.0, ge=0)
+
+
+class HiddenMethod(_OutputKD):
+    """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
+
+    method: Literal["hidden"] = "hidden"
+    # student layer i (0 = embeddings) → teacher layer; default: uniform (TinyBERT)
+    layer_map: list[int] | None = Field(default=None, max_length=257)
+    hidden_weight: float = Field(default=1.0, ge=0)
 
 
 class RKDMethod(_OutputKD):
@@ -230,11 +267,16 @@ class RKDMethod(_OutputKD):
 
 
 DistillationSpec = Annotated[
-    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod,
+    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod | HiddenMethod,
     Field(discriminator="method"),
 ]
-METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd")
-FEATURE_METHODS = ("fitnet", "attention", "rkd")  # they read the teacher's intermediate layers
+METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden")
+FEATURE_METHODS = (
+    "fitnet",
+    "attention",
+    "rkd",
+    "hidden",
+)  # they read the teacher's intermediate layers
 
 
 class StageSpec(StrictModel):
@@ -266,6 +308,7 @@ class TrainingSpec(StrictModel):
     early_stopping_patience: Auto(int, ge=1) | None = AUTO  # type: ignore[valid-type]
     max_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60)
     cache_teacher_outputs: bool = True
+    max_length: int = Field(default=128, ge=2, le=8192)  # hf teachers: tokens per text
     baseline: bool = True  # also train the student on labels alone, when labels exist
     tune: TuneSpec | None = None
 
@@ -436,6 +479,7 @@ class ModelInfo(StrictModel):
     trainable: bool = False
     arch: str | None = None  # a built-in architecture (safetensors), so `shrink` works
     parameters: int | None = None  # sizes the default student
+    hf: dict[str, Any] | None = None  # hf uploads: architecture, task, labels, sizes
 
 
 class DatasetInfo(StrictModel):
@@ -446,6 +490,8 @@ class DatasetInfo(StrictModel):
     n_classes: int | None = None
     y_shape: list[int | None] | None = None  # (None,) for labels, (None, k) for targets
     n_val: int | None = None  # samples in a given validation split
+    text: bool = False  # a .jsonl of texts (an hf teacher tokenises them itself)
+    class_names: list[str] | None = None  # label names, when the labels were given as names
 
 
 def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> JobSpec:
@@ -454,9 +500,11 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
         raise InvalidSpec("the spec names no teacher", field="teacher")
     field_prefix = "teachers" if spec.teachers is not None else "teacher"
     first = teachers[0]
+    _check_hf(spec, teachers, dataset)
     for i, info in enumerate(teachers):
         field = f"{field_prefix}.{i}" if spec.teachers is not None else field_prefix
-        _check_input(info, dataset, field)
+        if info.hf is None:
+            _check_input(info, dataset, field)
         if (info.outputs[0].shape or [])[1:] != (first.outputs[0].shape or [])[1:]:
             raise ShapeMismatch(
                 f"teachers output different shapes ({first.outputs[0].shape} vs "
@@ -506,8 +554,14 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
     data["task"] = task
     data["distillation"] = distillation.model_dump()
     data["training"] = training.model_dump()
+    if first.hf is not None and "export" not in spec.model_fields_set:
+        data["export"] = list(HF_EXPORTS)
     if spec.stages is None:
-        student = spec.student or _default_student(teachers, dataset, out_dim)
+        if first.hf is not None:
+            default = StudentSpec(from_teacher=default_hf_student(first.hf, task))
+            student = spec.student or default
+        else:
+            student = spec.student or _default_student(teachers, dataset, out_dim)
         data["student"] = student.filled().model_dump()
     else:
         if spec.training.tune is not None:
@@ -611,6 +665,129 @@ def _default_student(
     return StudentSpec(preset="mlp", width=AutoInt(width), depth=AutoInt(depth))
 
 
+HF_EXPORTS = ("hf", "onnx")
+
+
+def default_hf_student(hf: dict[str, Any], task: str) -> FromTeacher:
+    """An ``hf`` teacher's default student: a third of its layers (half of a shallow one), as
+    DistilBERT and TinyBERT-4 do, and half its width when that alone is not clearly smaller
+    (an embedder keeps its width, so that its embeddings compare with the teacher's)."""
+    n = int(hf.get("num_layers") or 1)
+    layers = max(1, n // 3 if n >= 6 else n // 2)
+    h = int(hf.get("hidden_size") or 0)
+    inter = int(hf.get("intermediate_size") or 4 * h)
+    heads = int(hf.get("num_heads") or 1)
+    vocab = int(hf.get("vocab_size") or 0) + int(hf.get("max_positions") or 0)
+
+    def size(layers: int, h: int, inter: int) -> int:
+        return vocab * h + layers * (4 * h * h + 2 * h * inter)
+
+    if task == "regression" or not h or size(layers, h, inter) <= 0.5 * size(n, h, inter):
+        return FromTeacher(layers=layers)
+    head_dim = max(1, h // heads)
+    new_heads = max(1, heads // 2)
+    return FromTeacher(
+        layers=layers,
+        hidden_size=new_heads * head_dim,
+        heads=new_heads,
+        intermediate_size=max(8, inter * new_heads * head_dim // h),
+    )
+
+
+def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> None:
+    """What an ``hf`` teacher needs of the spec and the dataset, and what only it allows."""
+    first = teachers[0]
+    students = ([("student", spec.student)] if spec.student is not None else []) + [
+        (f"stages.{i}.student", s.student) for i, s in enumerate(spec.stages or [])
+    ]
+    exports_hf = "hf" in spec.export
+    dataset_field = "dataset_id" if spec.dataset_id else "dataset_path"
+    if first.hf is None:
+        for where, student in students:
+            for key in ("from_teacher", "hf_config"):
+                if getattr(student, key) is not None:
+                    raise InvalidSpec(
+                        f"'{key}' makes a student from a Hugging Face teacher; this teacher is a "
+                        f"{first.format} file: use a preset, shrink or an uploaded student",
+                        field=f"{where}.{key}",
+                    )
+        method = spec.distillation.method if spec.distillation else None
+        if method == "hidden":
+            raise InvalidSpec(
+                "method 'hidden' maps a Hugging Face teacher's hidden states; for other "
+                "teachers use 'fitnet'",
+                field="distillation.method",
+            )
+        if exports_hf:
+            raise InvalidSpec(
+                "export 'hf' (save_pretrained) needs a Hugging Face teacher and student",
+                field="export",
+            )
+        return
+    hf = first.hf
+    if hf.get("task") == "causal_lm":
+        raise InvalidSpec(
+            "causal language models cannot be distilled yet; upload a sequence classifier or an "
+            "encoder (feature extraction)",
+            field="teacher",
+        )
+    if len(teachers) > 1:
+        raise InvalidSpec(
+            "an ensemble of Hugging Face teachers is not supported; give one teacher",
+            field="teachers",
+        )
+    if spec.stages is not None and len(spec.stages) > 1:
+        raise InvalidSpec(
+            "a Hugging Face teacher is distilled in one stage; give one student",
+            field="stages",
+        )
+    if not dataset.text:
+        raise ShapeMismatch(
+            "a Hugging Face teacher reads text with its own tokenizer: upload a .jsonl dataset "
+            'of {"text": ..., "label": ...} lines',
+            field=dataset_field,
+        )
+    names = set((hf.get("id2label") or {}).values())
+    if dataset.class_names and hf.get("task") == "sequence_classification":
+        unknown = sorted(set(dataset.class_names) - names)
+        if unknown:
+            raise InvalidSpec(
+                f"the dataset's labels {unknown[:10]} are not label names of the teacher "
+                f"(its id2label has {sorted(names)[:20]}); use the teacher's label names or "
+                "their integer ids",
+                field=dataset_field,
+            )
+    bad_export = [f for f in spec.export if f in ("torchscript", "safetensors")]
+    if bad_export and "export" in spec.model_fields_set:
+        raise InvalidSpec(
+            f"export '{bad_export[0]}' is not available for a Hugging Face student; use 'hf' "
+            "(save_pretrained zip) and 'onnx'",
+            field="export",
+        )
+    for where, student in students:
+        if student.preset is not None or student.shrink is not None:
+            key = "preset" if student.preset is not None else "shrink"
+            raise InvalidSpec(
+                f"a Hugging Face teacher's student is made from it: give "
+                '{"from_teacher": {"layers": ..., "hidden_size": ...}}, {"hf_config": {...}} or '
+                "the model_id of an uploaded hf student, not a "
+                f"{key}",
+                field=f"{where}.{key}",
+            )
+        small = student.from_teacher
+        if (
+            small is not None
+            and hf.get("task") == "feature_extraction"
+            and small.hidden_size not in (None, hf.get("hidden_size"))
+        ):
+            raise InvalidSpec(
+                "an embedding student keeps the teacher's hidden_size "
+                f"({hf.get('hidden_size')}) so that its embeddings compare with the teacher's; "
+                "make it smaller with fewer layers",
+                field=f"{where}.from_teacher.hidden_size",
+            )
+
+
 def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
     """A feature method in the first stage (the one the uploaded teacher teaches) needs one
     teacher whose layers can be read: refused here rather than when the job runs."""
@@ -650,6 +827,12 @@ def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:
 
 
 def _infer_task(teacher: ModelInfo, dataset: DatasetInfo) -> Task:
+    if teacher.hf is not None:
+        return (
+            "classification"
+            if teacher.hf.get("task") == "sequence_classification"
+            else ("regression")
+        )
     if dataset.has_labels and dataset.y_shape is not None and len(dataset.y_shape) > 1:
         return "regression"
     if dataset.has_labels:

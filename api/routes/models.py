@@ -31,7 +31,7 @@ from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401))
 
-FORMATS = ("exported_program", "onnx", "safetensors", "torchscript")
+FORMATS = ("exported_program", "hf", "onnx", "safetensors", "torchscript")
 FIELDS = ("name", "format", "arch", "input_shape")
 
 UPLOAD_BODY = {
@@ -200,6 +200,7 @@ async def upload_model(
             signature={
                 "inputs": [t.model_dump() for t in info.inputs],
                 "outputs": [t.model_dump() for t in info.outputs],
+                **({"hf": inspection.hf} if inspection.hf else {}),
             },
             trainable=inspection.trainable,
             storage_key=upload.blob.key,

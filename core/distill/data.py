@@ -91,7 +91,9 @@ def load_transfer_set(
     options["_format"] = fmt
     options["_max_text_len"] = max_text_len
     arrays = readers[fmt](path, options)
-    return _to_transfer_set(arrays, val_fraction, seed)
+    ts = _to_transfer_set(arrays, val_fraction, seed)
+    ts.text = fmt == "jsonl"
+    return ts
 
 
 def dataset_info(ts: TransferSet, n_samples: int | None = None) -> DatasetInfo:
@@ -109,6 +111,8 @@ def dataset_info(ts: TransferSet, n_samples: int | None = None) -> DatasetInfo:
         n_classes=ts.n_classes,
         y_shape=y_shape,
         n_val=len(ts.x_val) or None,
+        text=ts.text,
+        class_names=ts.class_names,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from core.errors import ModelInvalid, UnsafeModelFile
 
-FORMATS = ("exported_program", "onnx", "safetensors", "torchscript")
+FORMATS = ("exported_program", "hf", "onnx", "safetensors", "torchscript")
 
 HOW_TO_EXPORT = (
     "export the model instead: torch.export.save(torch.export.export(model, example_inputs), "
@@ -32,6 +32,10 @@ HOW_TO_EXPORT = (
 ONNX_SINGLE_FILE = (
     "save the model as one file: torch.onnx.export(..., external_data=False) or "
     "onnx.save(model, path, save_as_external_data=False)"
+)
+SAVE_AGAIN = (
+    "save the model again with torch.export.save or torch.jit.save, or zip the folder that "
+    "save_pretrained wrote"
 )
 _SAFETENSORS_MAX_HEADER = 100 * 1024**2
 
@@ -109,6 +113,11 @@ def _sniff_zip(path: Path) -> str:
         return "exported_program"
     if any(n.startswith("code/") for n in inner) and "constants.pkl" in inner:
         return "torchscript"
+    from core.distill.hf.archive import check_hf_archive, is_hf_archive
+
+    if is_hf_archive(names):  # a save_pretrained folder: checked before anything is loaded
+        check_hf_archive(path)
+        return "hf"
     if "data.pkl" in inner or any(n.endswith(".pkl") for n in names):
         raise UnsafeModelFile(
             "the file is a torch.save pickle archive (data.pkl without TorchScript code); "
@@ -271,16 +280,15 @@ def check_archive_names(names: list[str], what: str = "the archive") -> None:
             or any(ord(c) < 32 or ord(c) == 127 for c in name)
         ):
             raise UnsafeModelFile(
-                f"{what} has an entry named {name!r}, which is not a plain relative path; "
-                "save the model again with torch.export.save or torch.jit.save"
+                f"{what} has an entry named {name!r}, which is not a plain relative path (it "
+                f"escapes its folder or is not a file name); {SAVE_AGAIN}"
             )
         key = unicodedata.normalize("NFC", name).casefold()
         if key in seen:
             same = "twice" if seen[key] == name else f"twice ({seen[key]!r} and {name!r})"
             raise UnsafeModelFile(
                 f"{what} holds the entry {name!r} {same}; zip readers disagree on which copy "
-                "counts, so the file is refused. Save the model again with torch.export.save "
-                "or torch.jit.save"
+                f"counts, so the file is refused; {SAVE_AGAIN}"
             )
         seen[key] = name
 

@@ -18,7 +18,7 @@ from core.errors import DatasetInvalid, DistillError, ModelInvalid, UnsafeModelF
 from core.spec import DatasetInfo, ModelInfo
 
 # What opening a model or a dataset imports: a spare sandbox child imports them ahead of need.
-INSPECTION_MODULES = ("torch", "core.distill.teachers", "core.distill.data")
+INSPECTION_MODULES = ("torch", "core.distill.teachers", "core.distill.data", "transformers")
 
 
 class ModelInspection(BaseModel):
@@ -30,6 +30,7 @@ class ModelInspection(BaseModel):
     arch: str | None = None
     arch_config: dict[str, Any] | None = None
     trainable: bool
+    hf: dict[str, Any] | None = None  # the signature's hf block
 
 
 class DatasetInspection(BaseModel):
@@ -149,6 +150,7 @@ def model_in_child(
         arch=info.arch,
         arch_config=getattr(teacher, "arch_config", None),
         trainable=fmt != "onnx",
+        hf=getattr(teacher, "hf", None),
     ).model_dump(mode="json")
 
 

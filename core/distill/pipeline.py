@@ -54,6 +54,7 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
         ("student.safetensors", "student_safetensors"),
         ("student.arch.json", "student_arch"),
     ],
+    "hf": [("student_hf.zip", "student_hf")],
 }
 EVAL_BATCH = 512
 TIMING_THREADS = 1  # see evaluate.interleaved_timing: figures that repeat on a shared CPU
@@ -198,16 +199,36 @@ def _run(
     device = resolve_device(training.device)
     torch.manual_seed(training.seed)
 
-    data = load_transfer_set(
-        dataset, options=dataset_options, val_fraction=training.val_fraction, seed=training.seed
-    )
+    hf_teacher = _hf_teacher(spec, models, device)
+    if hf_teacher is not None:
+        from core.distill.hf.text import load_text_transfer_set
+
+        data = load_text_transfer_set(
+            dataset,
+            hf_teacher.tokenizer,
+            max_length=training.max_length,
+            id2label=hf_teacher.hf.get("id2label"),
+            val_fraction=training.val_fraction,
+            seed=training.seed,
+        )
+    else:
+        data = load_transfer_set(
+            dataset,
+            options=dataset_options,
+            val_fraction=training.val_fraction,
+            seed=training.seed,
+        )
     if len(data.x_val) == 0:
         raise InvalidSpec(
             "the job has no validation samples to measure the student on; set "
             "training.val_fraction above 0 or give x_val in the dataset",
             field="training.val_fraction",
         )
-    teachers, infos = _load_teachers(spec, models, data, device)
+    if hf_teacher is not None:
+        teachers: list[Teacher] = [hf_teacher]
+        infos = [_probe(hf_teacher, data, "teacher", device)]
+    else:
+        teachers, infos = _load_teachers(spec, models, data, device)
     spec = complete_spec(spec, infos, dataset_info(data))
     task = spec.task
     assert task is not None
@@ -396,6 +417,17 @@ def _delivered_metrics(result: dict[str, Any]) -> dict[str, Any]:
 # --- inputs ------------------------------------------------------------------------------------
 
 
+def _hf_teacher(spec: JobSpec, models: dict[str, ModelFile], device: torch.device) -> Any:
+    """The teacher when it is an ``hf`` upload (its tokenizer reads the text), else None."""
+    from core.distill.teachers import load_teacher
+
+    refs = spec.teacher_refs()
+    key = model_key(refs[0])
+    if len(refs) != 1 or key not in models or models[key].format != "hf":
+        return None
+    return load_teacher(models[key], device)
+
+
 def _load_teachers(
     spec: JobSpec, models: dict[str, ModelFile], data: TransferSet, device: torch.device
 ) -> tuple[list[Teacher], list[ModelInfo]]:
@@ -430,7 +462,8 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
     """Run the teacher on two real inputs: a shape its signature did not reveal fails here."""
     sample = data.x_train[:2].to(device)
     declared = teacher.info.inputs[0].shape if teacher.info.inputs else None
-    if declared is not None and not _fits(declared[1:], list(sample.shape[1:])):
+    packed = teacher.info.hf is not None  # (N, 2, L) token ids and attention mask
+    if declared is not None and not packed and not _fits(declared[1:], list(sample.shape[1:])):
         raise ShapeMismatch(
             f"the teacher takes inputs of shape {['N', *declared[1:]]} but the dataset's x has "
             f"shape {['N', *sample.shape[1:]]}; upload a dataset shaped like the teacher's input",
@@ -460,6 +493,7 @@ def _probe(teacher: Teacher, data: TransferSet, field: str, device: torch.device
         trainable=info.trainable,
         arch=info.arch,
         parameters=int(teacher.parameters) or None,
+        hf=info.hf,
     )
 
 
@@ -509,6 +543,16 @@ def _build(
             raise InvalidSpec(f"no model file was given for student '{key}'", field="student")
         model_file = models[key]
     torch.manual_seed(seed)
+    hf_file = model_file is not None and model_file.format == "hf"
+    hf_teacher = getattr(teacher, "hf", None) is not None  # its students are hf models too
+    if student.from_teacher is not None or student.hf_config is not None or hf_file or hf_teacher:
+        from core.distill.hf.students import build_hf_student
+
+        return build_hf_student(student, teacher, model_file=model_file, x=data.x_train)  # type: ignore[arg-type]
+    vocab = None
+    if not data.x_train.is_floating_point() and len(data.x_train):
+        top = max(int(data.x_train.max()), int(data.x_val.max()) if len(data.x_val) else 0)
+        vocab = top + 1  # token ids of the data's own tokenizer: the embedding must hold them
     return build_student(
         student,
         input_shape=tuple(data.x_train.shape[1:]),
@@ -517,6 +561,7 @@ def _build(
         teacher=teacher,
         model_file=model_file,
         inputs=_stats_sample(data.x_train),
+        vocab_size=vocab,
     )
 
 
@@ -873,6 +918,8 @@ def _onnx_session(
 
     from core.distill import export
 
+    if hasattr(student, "tokenizer"):  # an hf student's ONNX takes ids and mask, not x
+        return None
     path = exported
     try:
         if path is None or not path.is_file():
@@ -951,6 +998,10 @@ def _export(
     from core.distill import export
 
     model = model.cpu().eval()
+    if hasattr(model, "tokenizer") and hasattr(model, "run"):  # a Hugging Face model
+        from core.distill.hf.export import export_hf_student
+
+        return export_hf_student(model, formats, data.x_val, staging, report.log, name=name)
     example = data.x_val[:2].cpu()
     artifacts: list[Artifact] = []
     checks: dict[str, Any] = {}
@@ -1024,6 +1075,9 @@ def _describe(student: StudentSpec) -> str:
         return student.preset
     if student.shrink is not None:
         return f"shrunk ({student.shrink:g}×)"
+    if student.from_teacher is not None:
+        small = student.from_teacher.model_dump(exclude_none=True, exclude={"init"})
+        return f"smaller copy of the teacher ({small})"
     return "custom"
 
 

@@ -365,11 +365,14 @@ def build_student(
     teacher: Teacher | None = None,
     model_file: ModelFile | None = None,
     inputs: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> nn.Module:
     """The student a spec asks for, shaped for the data and the teacher's outputs.
 
     ``input_shape`` is one sample's shape, or the batched shape with ``None`` first. A preset
     given float ``inputs`` (the transfer set) standardises its inputs with their statistics.
+    ``vocab_size``: token inputs' largest id + 1, when it is more than the byte tokenizer's
+    (ids from another tokenizer): the presets' embedding tables are sized to fit it.
     """
     shape = list(input_shape)
     if shape and shape[0] is None:
@@ -386,6 +389,8 @@ def build_student(
     config = _preset_config(spec.filled(), shape, dtype, output_dim)
     if inputs is not None and inputs.is_floating_point():
         config["standardize"] = standardize_shape(spec.preset, shape)
+    if config.get("tokens") and vocab_size is not None and vocab_size > VOCAB_SIZE:
+        config["vocab_size"] = int(vocab_size)
     model = build_architecture(spec.preset, config)
     layer = input_standardizer(model)
     if layer is not None and inputs is not None:

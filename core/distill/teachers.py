@@ -444,6 +444,7 @@ def load_teacher(
         "torchscript": _load_torchscript,
         "onnx": lambda f, d, s: OnnxTeacher(f.path, d),
         "safetensors": _load_safetensors,
+        "hf": _load_hf,
     }
     if file.format not in loaders:
         raise ModelInvalid(
@@ -452,6 +453,12 @@ def load_teacher(
     teacher: Teacher = loaders[file.format](file, device, input_shape)
     probe_outputs(teacher)
     return teacher
+
+
+def _load_hf(file: ModelFile, device: torch.device, input_shape: Any) -> Teacher:
+    from core.distill.hf.models import load_hf_teacher
+
+    return load_hf_teacher(file, device)
 
 
 def _load_exported_program(

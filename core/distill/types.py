@@ -18,7 +18,7 @@ class ModelFile:
     """A model on local disk, as the engine receives it."""
 
     path: Path
-    format: str  # exported_program | onnx | safetensors | torchscript
+    format: str  # exported_program | hf | onnx | safetensors | torchscript
     arch: str | None = None  # safetensors: built-in architecture name
     arch_config: dict[str, Any] | None = None  # safetensors: its constructor arguments
 
@@ -33,6 +33,7 @@ class TransferSet:
     y_val: torch.Tensor | None
     n_classes: int | None = None
     class_names: list[str] | None = None
+    text: bool = False  # read from .jsonl text
 
     @property
     def has_labels(self) -> bool:

@@ -173,3 +173,19 @@ def test_uploaded_student_with_wrong_output_or_format_is_refused(tmp_path):
             StudentSpec(model_id="m"), input_shape=[1, 8, 8], input_dtype="float32",
             output_dim=10, model_file=ModelFile(tmp_path / "s.onnx", "onnx"),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["transformer", "mlp"])
+def test_token_presets_fit_the_datas_vocabulary(preset: str) -> None:
+    """Ids of another tokenizer (all-MiniLM's go to 30521) fit the student's embedding table,
+    instead of an IndexError in the worker."""
+    student = build_student(
+        StudentSpec(preset=preset),
+        input_shape=(16,),
+        input_dtype=torch.int64,
+        output_dim=3,
+        vocab_size=30522,
+    )
+    ids = torch.randint(0, 30522, (4, 16))
+    ids[:, 0] = 30521
+    assert student(ids).shape == (4, 3)

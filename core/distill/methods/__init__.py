@@ -94,7 +94,7 @@ def _parse(spec: Any) -> Any:
 
 
 # The built-in methods register themselves on import.
-from core.distill.methods import attention, baseline, dkd, fitnet, kd, mse, rkd  # noqa: E402
+from core.distill.methods import attention, baseline, dkd, fitnet, hidden, kd, mse, rkd  # noqa: E402
 from core.distill.methods.baseline import AnyMethodSpec, BaselineSpec  # noqa: E402
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "build_method",
     "dkd",
     "fitnet",
+    "hidden",
     "kd",
     "method_names",
     "mse",

@@ -27,6 +27,28 @@ from core.spec import AttentionMethod, HintPair
 
 
 @register_method("attention")
+def attention_method(
+    spec: AttentionMethod,
+    *,
+    student: nn.Module,
+    teacher: Teacher | None,
+    task: str,
+    n_classes: int | None,
+    epochs: int,
+) -> DistillMethod:
+    """Attention transfer; for a Hugging Face student, TinyBERT's attention-distribution KL."""
+    from core.distill.methods.hidden import is_hf_student
+
+    kind: type[DistillMethod] = Attention
+    if is_hf_student(student):
+        from core.distill.methods.attention_kl import AttentionKL
+
+        kind = AttentionKL
+    return kind(  # type: ignore[call-arg]
+        spec, student=student, teacher=teacher, task=task, n_classes=n_classes, epochs=epochs
+    )
+
+
 class Attention(DistillMethod):
     def __init__(
         self,

@@ -19,6 +19,7 @@ from core.spec import (
     AttentionMethod,
     DKDMethod,
     FitNetMethod,
+    HiddenMethod,
     KDMethod,
     MSEMethod,
     RKDMethod,
@@ -33,7 +34,14 @@ class BaselineSpec(StrictModel):
 
 
 AnyMethodSpec = Annotated[
-    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod | BaselineSpec,
+    KDMethod
+    | MSEMethod
+    | DKDMethod
+    | FitNetMethod
+    | AttentionMethod
+    | RKDMethod
+    | HiddenMethod
+    | BaselineSpec,
     Field(discriminator="method"),
 ]
 

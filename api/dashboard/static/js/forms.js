@@ -196,7 +196,7 @@ export async function renderNewJob(view, { navigate }) {
         "div.field",
         { dataset: { field: "export" } },
         h("span.label", {}, "Export"),
-        ["torchscript", "onnx", "safetensors"].map((f) =>
+        ["torchscript", "onnx", "safetensors", "hf"].map((f) =>
           h("label.check", {}, h("input", { type: "checkbox", name: "export", value: f, checked: config.export.includes(f) }), f),
         ),
         h("small.field-error", { dataset: { errorFor: "export" }, hidden: true }),
@@ -328,7 +328,8 @@ export async function renderUploads(view) {
         "format",
         select(
           [["", "detect"], ["exported_program", "exported_program (.pt2)"], ["onnx", "onnx"],
-            ["torchscript", "torchscript (.pt)"], ["safetensors", "safetensors"]],
+            ["torchscript", "torchscript (.pt)"], ["safetensors", "safetensors"],
+            ["hf", "hf (zip of save_pretrained)"]],
           "",
         ),
       ),
