@@ -95,6 +95,21 @@ class _Reporter:
     history: list[dict[str, Any]] = field(default_factory=list)
     label: str = ""
     stage_started: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds spent in each phase
+    phase_name: str = "load"
+    phase_started: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str) -> None:
+        """From now on the time goes to phase ``name`` (the result's ``seconds_by_phase``)."""
+        now = time.monotonic()
+        self.phases[self.phase_name] = (
+            self.phases.get(self.phase_name, 0.0) + now - self.phase_started
+        )
+        self.phase_name, self.phase_started = name, now
+
+    def seconds_by_phase(self) -> dict[str, float]:
+        self.phase(self.phase_name)
+        return {name: round(seconds, 3) for name, seconds in self.phases.items()}
 
     def start(self, label: str) -> None:
         self.label = label
@@ -248,6 +263,7 @@ def _run(
     student: nn.Module | None = None
     stage_results: list[dict[str, Any]] = []
     measured: tuple[dict[str, Any], torch.Tensor] | None = None
+    report.phase("settings")  # the lr trials, or tune
     spec, found = _find_settings(
         spec,
         teacher=teacher,
@@ -261,6 +277,7 @@ def _run(
         should_stop=should_stop,
     )
     chain = spec.chain()
+    report.phase("training")
     for i, stage in enumerate(chain):
         if i == 0 and found.tune is not None:
             student = _tuned_stage(found.tune.best, stages=stages, spec=spec, report=report)
@@ -295,6 +312,7 @@ def _run(
     distilled_val = measured[1]  # before compression: the baseline's architecture
 
     baseline: tuple[nn.Module, dict[str, Any], torch.Tensor] | None = None
+    report.phase("baseline")
     if with_baseline:
         baseline_model = _train_baseline(
             chain[-1],
@@ -315,6 +333,7 @@ def _run(
         baseline = (baseline_model, baseline_metrics, baseline_val)
 
     compression: list[dict[str, Any]] = []
+    report.phase("compression")
     if spec.compression.prune is not None or spec.compression.quantize != "none":
         student, measured, compression = _compress(
             student, measured, spec, data, teacher_val, task, device, report
@@ -322,6 +341,7 @@ def _run(
     _check_stop(should_stop)
     student_metrics, student_val = measured
 
+    report.phase("evaluation")
     report.log("measuring the teacher on the validation split")
     teacher_metrics = _teacher_metrics(teacher, data, teacher_val, task)
     result: dict[str, Any] = {
@@ -344,6 +364,7 @@ def _run(
     result.update(found.report(spec.model_dump(mode="json")))
     _check_stop(should_stop)
 
+    report.phase("export")
     where = _module_device(student, device)
     artifacts, checks = _export(
         student, spec.export, data, staging=staging, report=report, name="student"
@@ -354,6 +375,7 @@ def _run(
     result["export"] = checks
     _check_stop(should_stop)
 
+    report.phase("timing")
     report.log("timing teacher and student in alternating rounds")
     result.update(
         _timing(
@@ -372,6 +394,7 @@ def _run(
         result["warning"] = _baseline_warning(result["baseline_comparison"], spec.export)
         report.log(f"warning: {result['warning']}")
         result["recommended"] = "baseline"
+        report.phase("export")
         more, _ = _export(
             baseline[0], spec.export, data, staging=staging, report=report, name="baseline"
         )
@@ -380,6 +403,7 @@ def _run(
         result["recommended"] = "student"
     report.progress(Event("metrics", _delivered_metrics(result)))
     result["seconds"] = round(time.monotonic() - started, 3)
+    result["seconds_by_phase"] = report.seconds_by_phase()
     report_path = staging / "report.json"
     export.write_report(report_path, result, report.history, spec.model_dump(mode="json"))
     artifacts.append(Artifact("report.json", "report", report_path))

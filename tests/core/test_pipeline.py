@@ -123,6 +123,10 @@ def test_full_run_reports_api_result_and_artifacts_reproduce_it(files, tmp_path)
     # Teacher, student and baseline timed in alternating rounds, the student under onnxruntime too.
     assert result["timing"]["interleaved"] is True and result["timing"]["rounds"] >= 3
     assert result["timing"]["speedup_runtime"] == "torch"
+    # Where the job's time went: every phase, adding up to the whole.
+    phases = result["seconds_by_phase"]
+    assert {"load", "training", "baseline", "evaluation", "export", "timing"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(result["seconds"], abs=0.5)
     assert isinstance(result["timing"]["noisy"], bool)
     for side in ("teacher", "student", "baseline"):
         low, high = result[side]["latency_ms_range"]
