@@ -47,8 +47,11 @@ def demo_spec(teacher_id: str, dataset_id: str, epochs: int) -> dict[str, Any]:
     }
 
 
-def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, float]:
-    """teacher.pt2 (a small CNN, torch.export) and digits.npz; the teacher's val accuracy."""
+def make_files(
+    folder: Path, teacher_epochs: int = 15, labelled: int = LABELLED
+) -> tuple[Path, Path, float]:
+    """teacher.pt2 (a small CNN, torch.export) and digits.npz with ``labelled`` training labels
+    kept (the rest -1); the teacher's validation accuracy. examples/digits/make_files.py too."""
     import numpy as np
     import torch
     from torch import nn
@@ -93,7 +96,7 @@ def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, floa
 
     rng = np.random.default_rng(0)
     labels = np.full_like(y_tr, -1)
-    keep = rng.choice(len(y_tr), size=LABELLED, replace=False)
+    keep = rng.choice(len(y_tr), size=min(labelled, len(y_tr)), replace=False)
     labels[keep] = y_tr[keep]
     data_path = folder / "digits.npz"
     np.savez(data_path, x=x_tr, y=labels, x_val=x_va, y_val=y_va)
