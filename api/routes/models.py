@@ -187,6 +187,7 @@ async def upload_model(
             signature={
                 "inputs": [t.model_dump() for t in info.inputs],
                 "outputs": [t.model_dump() for t in info.outputs],
+                "has_default_features": info.has_default_features,
             },
             trainable=inspection.trainable,
             storage_key=upload.blob.key,
