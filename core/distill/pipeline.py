@@ -286,6 +286,7 @@ def _run(
         student, spec, data, teacher_val, student_val, staging=staging, report=report
     )
     result["export"] = checks
+    result["student_io"] = export.student_io(data.x_train, student_val, task, data.class_names)
     result["seconds"] = round(time.monotonic() - started, 3)
     report_path = staging / "report.json"
     export.write_report(report_path, result, report.history, spec.model_dump(mode="json"))
