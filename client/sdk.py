@@ -307,8 +307,11 @@ class Models(_Section):
         fields_ = _form(name=name, format=format, arch=arch_value, input_shape=input_shape)
         return Model.from_dict(_upload(self.client, "/v1/models", path, fields_))
 
-    def list(self, limit: int = 20, after: str | None = None) -> Page[Model]:
-        params = _form(limit=limit, after=after)
+    def list(
+        self, limit: int = 20, after: str | None = None, sha256: str | None = None
+    ) -> Page[Model]:
+        """A page of uploads, newest first; ``sha256``: only those of the file with this hash."""
+        params = _form(limit=limit, after=after, sha256=sha256)
         return _page(Model, self.client.request("GET", "/v1/models", params=params).json())
 
     def iter(self, page_size: int = 100) -> Iterator[Model]:
@@ -332,8 +335,11 @@ class Datasets(_Section):
         fields_ = _form(name=name, label_column=label_column)
         return Dataset.from_dict(_upload(self.client, "/v1/datasets", path, fields_))
 
-    def list(self, limit: int = 20, after: str | None = None) -> Page[Dataset]:
-        params = _form(limit=limit, after=after)
+    def list(
+        self, limit: int = 20, after: str | None = None, sha256: str | None = None
+    ) -> Page[Dataset]:
+        """A page of uploads, newest first; ``sha256``: only those of the file with this hash."""
+        params = _form(limit=limit, after=after, sha256=sha256)
         return _page(Dataset, self.client.request("GET", "/v1/datasets", params=params).json())
 
     def iter(self, page_size: int = 100) -> Iterator[Dataset]:
@@ -514,7 +520,7 @@ class Artifacts(_Section):
             target = target / meta.name
         target.parent.mkdir(parents=True, exist_ok=True)
         same_size = target.is_file() and target.stat().st_size == meta.size_bytes
-        if same_size and _sha256_file(target) == meta.sha256:
+        if same_size and sha256_file(target) == meta.sha256:
             return target  # already here
         part = target.with_name(target.name + ".part")
         digest = hashlib.sha256()
@@ -554,7 +560,8 @@ def _hash_into(digest: Any, f: IO[bytes]) -> None:
         digest.update(chunk)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex), as the service records it for an upload."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         _hash_into(digest, f)

@@ -211,9 +211,14 @@ def list_models(
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    sha256: Annotated[
+        str | None, Query(description="only uploads of the file with this sha256 (hex)")
+    ] = None,
 ) -> dict[str, Any]:
     """List the tenant's models, newest first."""
     query = select(Model).where(Model.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(Model.sha256 == sha256.lower())
     if after:
         query = query.where(Model.id < after)
     rows, has_more = page(
