@@ -3,11 +3,13 @@ and starts the service, and the curl walkthrough, run verbatim, ends with a stud
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +73,8 @@ def test_make_serve_and_the_curl_walkthrough_work_in_a_fresh_clone(tmp_path: Pat
         )
         assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
         assert '"status": "succeeded"' in run.stdout
+        _every_event_was_paged_through(run.stdout)
+        _the_student_ran(run.stdout)
         _student_reproduces_the_job(clone)
     finally:
         os.killpg(serve.pid, signal.SIGINT)
@@ -93,6 +97,49 @@ def _wait_healthy(proc: subprocess.Popen, log: Path, timeout: float) -> None:
             pass
         time.sleep(2)
     raise AssertionError(f"the service did not become ready:\n{log.read_text()[-4000:]}")
+
+
+def _every_event_was_paged_through(stdout: str) -> None:
+    """The events step printed every page: seq 1..n in order, ending with the final status."""
+    pages = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"data":')]
+    events = [e for page in pages for e in page["data"]]
+    assert len(pages) >= 2 and not pages[-1]["has_more"], [len(p["data"]) for p in pages]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "status" and events[-1]["data"]["status"] == "succeeded"
+
+
+def _the_student_ran(stdout: str) -> None:
+    """The last step's five lines ran the ONNX student on ten digits."""
+    line = next(line for line in stdout.splitlines() if line.startswith("predicted"))
+    predicted, true = (re.findall(r"\d", part) for part in line.split("true"))
+    assert len(predicted) == len(true) == 10
+    assert sum(p == t for p, t in zip(predicted, true, strict=True)) >= 8, line
+
+
+def test_the_scikit_learn_section_makes_an_onnx_teacher_the_service_reads(tmp_path: Path) -> None:
+    import joblib
+    import onnxruntime
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+
+    from core.distill.formats import detect_format
+
+    x, y = load_breast_cancer(return_X_y=True)
+    model = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    joblib.dump(model, tmp_path / "model.joblib")
+    np.save(tmp_path / "x.npy", x)
+    (snippet,) = re.findall(
+        r"```python\n(.*?)```", README.split("## Your own scikit-learn teacher\n", 1)[1], re.DOTALL
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert detect_format(tmp_path / "teacher.onnx") == "onnx"
+    session = onnxruntime.InferenceSession(str(tmp_path / "teacher.onnx"))
+    probabilities = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[1]
+    np.testing.assert_allclose(probabilities, model.predict_proba(x), atol=1e-5)
+    assert np.load(tmp_path / "transfer.npz")["x"].shape == x.shape
 
 
 def _student_reproduces_the_job(clone: Path) -> None:
