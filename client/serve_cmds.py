@@ -126,8 +126,13 @@ def serve(
         "worker": celery_command(["--quiet", *worker_argv(queues, 1, "WARNING")]),
         "reconciler": celery_command(["--quiet", *control_argv("WARNING")]),
     }
-    # Celery warns on every start when run as root (containers, CI); the line says nothing new.
-    env.setdefault("PYTHONWARNINGS", "ignore:You're running the worker with superuser privileges")
+    # Noise a user can do nothing about: Celery's warning on every start as root (containers,
+    # CI), and torch's own deprecation warning each time a job loads a torch.export teacher.
+    quiet = [
+        "ignore:You're running the worker with superuser privileges",
+        "ignore:`isinstance(treespec",
+    ]
+    env.setdefault("PYTHONWARNINGS", ",".join(quiet))
     children: dict[str, subprocess.Popen[bytes]] = {}
     # Children get their own process groups, so Ctrl-C reaches only us and we stop them in order.
     # SIGTERM (kill, a supervisor, a CI timeout) stops them the same way.
