@@ -158,3 +158,19 @@ def _student_reproduces_the_job(clone: Path) -> None:
     pred = session.run(None, {name: val["x_val"].astype(np.float32)})[0].argmax(1)
     accuracy = float((pred == val["y_val"]).mean())
     assert accuracy == pytest.approx(job["result"]["student"]["accuracy"], abs=0.01)
+
+
+def test_make_serve_takes_the_port_and_host_from_the_command_line(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()  # newer than pyproject.toml: no install step
+    run = subprocess.run(
+        ["make", "-n", "serve", "PORT=8010", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip().splitlines() == [
+        f"{venv}/bin/distill serve --host 127.0.0.1 --port 8010"
+    ]
