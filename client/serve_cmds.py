@@ -141,7 +141,8 @@ def serve(
     try:
         for name, args in commands.items():
             children[name] = subprocess.Popen(args, env=env, start_new_session=True)
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
         _wait_until_up(url, children)
         typer.echo(f"distill is running at {url}  (dashboard: {url}/, API docs: {url}/docs)")
         typer.echo(f"data: {settings.data_dir.resolve()}  (database, blobs, broker)")
@@ -190,7 +191,8 @@ def _wait_until_up(
     while time.monotonic() < deadline:
         _check_alive(children)
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            # trust_env=False: a proxy from the environment must not answer for localhost.
+            if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
