@@ -49,7 +49,9 @@ def test_make_serve_and_the_curl_walkthrough_work_in_a_fresh_clone(tmp_path: Pat
             pytest.skip(message)
     clone = tmp_path / "distill"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL_", "VIRTUAL_ENV"))}
+    # Nothing of this checkout may leak in: the clone runs its own code in its own venv.
+    drop = ("DISTILL_", "VIRTUAL_ENV", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv" not in p)
     log = (tmp_path / "serve.log").open("wb")
     serve = subprocess.Popen(
@@ -86,10 +88,16 @@ def test_make_serve_and_the_curl_walkthrough_work_in_a_fresh_clone(tmp_path: Pat
 
 
 def _wait_healthy(proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    # Our own service: its "running at" line comes once its API answers. (Polling the port alone
+    # could find another service that took the port while this one was installing; ours then
+    # exits, saying the port is taken.)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"make serve exited:\n{log.read_text()[-4000:]}")
+        if f"distill is running at http://127.0.0.1:{PORT}" not in log.read_text(errors="replace"):
+            time.sleep(2)
+            continue
         try:
             if httpx.get(f"http://127.0.0.1:{PORT}/readyz", timeout=2).status_code == 200:
                 return
