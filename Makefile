@@ -6,20 +6,28 @@ PIP := $(VENV)/bin/pip
 # torch is installed first, pinned, so the project's torch range is satisfied by this build.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make serve PORT=8010` (HOST=0.0.0.0 serves other machines, with auth on: see README).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: install serve test lint bench clean
 
+# pip shows what it fetches: the first install takes a few minutes and should not look stuck.
 $(VENV)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) (first run only; a few minutes)"
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e '.[dev]'
+	@echo "==> installing $(TORCH) (about 750 MB)"
+	$(PIP) install --progress-bar on "$(TORCH)"
+	@echo "==> installing distill and its dependencies"
+	$(PIP) install --progress-bar on -e '.[dev]'
 	touch $@
+	@echo "==> $(VENV) is ready"
 
 install: $(VENV)/.installed
 
 serve: install
-	$(VENV)/bin/distill serve
+	$(VENV)/bin/distill serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -80,12 +80,24 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     first = problems[0] if problems else {"field": "", "message": "invalid request"}
     where = f"'{first['field']}': " if first["field"] else ""
+    message = f"{where}{first['message']}"
+    if _body_not_sent_as_json(request, exc):
+        # curl -d without -H: the body arrives as a form, and "not a valid dictionary" misleads.
+        content_type = request.headers.get("content-type") or "none"
+        message = (
+            f"send the body as JSON with the header 'Content-Type: application/json' (this "
+            f"request's Content-Type: {content_type}); curl -H 'Content-Type: application/json' "
+            "-d '{…}'"
+        )
     return error_response(
-        422,
-        "invalid_request",
-        f"{where}{first['message']}",
-        {"field": first["field"], "errors": problems},
+        422, "invalid_request", message, {"field": first["field"], "errors": problems}
     )
+
+
+def _body_not_sent_as_json(request: Request, exc: RequestValidationError) -> bool:
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    whole_body = any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
+    return whole_body and content_type != "application/json" and request.method != "GET"
 
 
 def _field(loc: Any) -> str:

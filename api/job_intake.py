@@ -433,6 +433,7 @@ def model_info(model: Model | Row[Any]) -> ModelInfo:
         format=model.format,
         inputs=model.signature["inputs"],
         outputs=model.signature["outputs"],
+        has_default_features=model.signature.get("has_default_features"),
         trainable=model.trainable,
         arch=model.arch,
         parameters=model.parameters,

@@ -133,6 +133,15 @@ class _FormReader:
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         if "\x00" in self._name:
             raise InvalidRequest("a form field's name contains a NUL character", field="")
+        if self._name != self.file_field and b"filename" in options and self.filename is None:
+            # A file under another name (curl -F data=@…): say which field we expected.
+            raise InvalidRequest(
+                f"the form has no '{self.file_field}' field: the file came in field "
+                f"'{self._name}'; send it as '{self.file_field}' "
+                f"(curl -F {self.file_field}=@FILE …)",
+                field=self.file_field,
+                details={"received": self._name},
+            )
         if self._name == self.file_field:
             if self.filename is not None:
                 raise InvalidRequest("send one 'file' field, not several", field="file")
@@ -151,7 +160,8 @@ class _FormReader:
         self._value += data[start:end]
         if len(self._value) > MAX_FIELD_BYTES:
             raise InvalidRequest(
-                f"form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes",
+                f"form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes; a file goes "
+                f"in field '{self.file_field}' (curl -F {self.file_field}=@FILE …)",
                 field=self._name or "",
             )
 
@@ -210,10 +220,12 @@ async def receive_upload(
         first = piece
         break
     if reader.filename is None:
+        received = ", ".join(f"'{name}'" for name in reader.fields) or "none"
         raise InvalidRequest(
-            f"the form has no '{file_field}' field; send the file as multipart field "
-            f"'{file_field}' (curl -F {file_field}=@FILE …)",
+            f"the form has no '{file_field}' field (fields received: {received}); send the file "
+            f"as multipart field '{file_field}' (curl -F {file_field}=@FILE …)",
             field=file_field,
+            details={"received": list(reader.fields)},
         )
     key = key_stem + safe_suffix(reader.filename)
 

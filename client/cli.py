@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 app = typer.Typer(no_args_is_help=True, help="distill: distillation as a service.")
+
+
+def _hide_flag_types() -> None:
+    """Show no value type beside a flag in --help: typer's rich help prints "--help <bool>" as
+    if flags took a value (click itself does not)."""
+    option = typer.core.TyperOption
+    shown = option.display_type_rich
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 
 
 def _register() -> None:

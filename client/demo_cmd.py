@@ -47,8 +47,11 @@ def demo_spec(teacher_id: str, dataset_id: str, epochs: int) -> dict[str, Any]:
     }
 
 
-def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, float]:
-    """teacher.pt2 (a small CNN, torch.export) and digits.npz; the teacher's val accuracy."""
+def make_files(
+    folder: Path, teacher_epochs: int = 15, labelled: int = LABELLED
+) -> tuple[Path, Path, float]:
+    """teacher.pt2 (a small CNN, torch.export) and digits.npz with ``labelled`` training labels
+    kept (the rest -1); the teacher's validation accuracy. examples/digits/make_files.py too."""
     import numpy as np
     import torch
     from torch import nn
@@ -59,6 +62,10 @@ def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, floa
     train, val = split_indices(len(x), y, 0.3, seed=0)
     x_tr, y_tr, x_va, y_va = x[train], y[train], x[val], y[val]
 
+    # One thread: a model this small trains several times faster so, above all on a busy CPU
+    # where OpenMP threads wait on each other (12 s against 70 s, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     teacher = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
@@ -73,14 +80,17 @@ def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, floa
     )  # about 97 % on the validation split after a few seconds of training
     opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    for _ in range(teacher_epochs):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            loss = nn.functional.cross_entropy(teacher(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    try:
+        for _ in range(teacher_epochs):
+            perm = torch.randperm(len(xt))
+            for i in range(0, len(xt), 64):
+                idx = perm[i : i + 64]
+                loss = nn.functional.cross_entropy(teacher(xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     teacher.eval()
     with torch.no_grad():
         accuracy = float((teacher(torch.from_numpy(x_va)).argmax(1).numpy() == y_va).mean())
@@ -93,7 +103,7 @@ def make_files(folder: Path, teacher_epochs: int = 15) -> tuple[Path, Path, floa
 
     rng = np.random.default_rng(0)
     labels = np.full_like(y_tr, -1)
-    keep = rng.choice(len(y_tr), size=LABELLED, replace=False)
+    keep = rng.choice(len(y_tr), size=min(labelled, len(y_tr)), replace=False)
     labels[keep] = y_tr[keep]
     data_path = folder / "digits.npz"
     np.savez(data_path, x=x_tr, y=labels, x_val=x_va, y_val=y_va)

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from client.cli import app
 from client.errors import DistillAPIError
-from client.sdk import Client, Event, Job, Resource
+from client.sdk import Client, Event, Job, Resource, sha256_file
 
 models_app = typer.Typer(no_args_is_help=True, help="Uploaded models (teachers, students).")
 datasets_app = typer.Typer(no_args_is_help=True, help="Uploaded transfer sets.")
@@ -36,7 +36,9 @@ BAD_INPUT_CODES = ("invalid_spec", "shape_mismatch", "invalid_request")
 
 Url = Annotated[
     str | None,
-    typer.Option("--url", envvar="DISTILL_URL", help="The service [default: 127.0.0.1:8000]."),
+    typer.Option(
+        "--url", envvar="DISTILL_URL", help="The service (default http://127.0.0.1:8000)."
+    ),
 ]
 ApiKey = Annotated[
     str | None,
@@ -304,7 +306,9 @@ def read_spec(path: Path) -> dict[str, Any]:
 def upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> dict[str, Any]:
     """Replace ``{"path": FILE}`` model refs and ``dataset_path`` with uploaded ids.
 
-    Relative paths are relative to ``base`` (the spec file's folder); each file is uploaded once.
+    Relative paths are relative to ``base`` (the spec file's folder); each file is uploaded once,
+    and not at all when the service already holds an upload of it (same sha256 and name): a
+    retried ``jobs submit`` does not send the files again.
     """
     spec = json.loads(json.dumps(spec))
     uploaded: dict[Path, str] = {}
@@ -315,9 +319,10 @@ def upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> dict
         path = _local(base, ref.pop("path"), f"{field}.path")
         options = {k: ref.pop(k, None) for k in ("format", "arch", "input_shape")}
         if path not in uploaded:
-            err.print(f"uploading {path} …")
-            model = client.models.upload(path, **options)
-            uploaded[path] = model.id
+            # Options change what the upload records; only a plain upload is reused.
+            plain = all(v is None for v in options.values())
+            found = _uploaded_before(client.models, path) if plain else None
+            uploaded[path] = found or client.models.upload(path, **options).id
         ref["model_id"] = uploaded[path]
 
     model_ref(spec.get("teacher"), "teacher")
@@ -329,9 +334,21 @@ def upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> dict
             model_ref(stage.get("student"), f"stages.{i}.student")
     if spec.get("dataset_path") is not None:
         path = _local(base, spec.pop("dataset_path"), "dataset_path")
-        err.print(f"uploading {path} …")
-        spec["dataset_id"] = client.datasets.upload(path).id
+        found = _uploaded_before(client.datasets, path)
+        spec["dataset_id"] = found or client.datasets.upload(path).id
     return spec
+
+
+def _uploaded_before(section: Any, path: Path) -> str | None:
+    """The id of an upload of this very file under its default name, if the service has one;
+    otherwise None, after saying that the file is being uploaded."""
+    digest = sha256_file(path)
+    for item in section.list(limit=100, sha256=digest).data:
+        if item.sha256 == digest and item.name == path.stem:
+            err.print(f"{path} is already uploaded as {item.id}; using it")
+            return str(item.id)
+    err.print(f"uploading {path} …")
+    return None
 
 
 def _local(base: Path, value: Any, field: str) -> Path:

@@ -373,8 +373,11 @@ class Models(_Section):
                 return Model.from_dict(_upload(self.client, "/v1/models", zipped, fields_))
         return Model.from_dict(_upload(self.client, "/v1/models", path, fields_))
 
-    def list(self, limit: int = 20, after: str | None = None) -> Page[Model]:
-        params = _form(limit=limit, after=after)
+    def list(
+        self, limit: int = 20, after: str | None = None, sha256: str | None = None
+    ) -> Page[Model]:
+        """A page of uploads, newest first; ``sha256``: only those of the file with this hash."""
+        params = _form(limit=limit, after=after, sha256=sha256)
         return _page(Model, self.client.request("GET", "/v1/models", params=params).json())
 
     def iter(self, page_size: int = 100) -> Iterator[Model]:
@@ -398,8 +401,11 @@ class Datasets(_Section):
         fields_ = _form(name=name, label_column=label_column)
         return Dataset.from_dict(_upload(self.client, "/v1/datasets", path, fields_))
 
-    def list(self, limit: int = 20, after: str | None = None) -> Page[Dataset]:
-        params = _form(limit=limit, after=after)
+    def list(
+        self, limit: int = 20, after: str | None = None, sha256: str | None = None
+    ) -> Page[Dataset]:
+        """A page of uploads, newest first; ``sha256``: only those of the file with this hash."""
+        params = _form(limit=limit, after=after, sha256=sha256)
         return _page(Dataset, self.client.request("GET", "/v1/datasets", params=params).json())
 
     def iter(self, page_size: int = 100) -> Iterator[Dataset]:
@@ -634,7 +640,7 @@ class Artifacts(_Section):
             target = target / meta.name
         target.parent.mkdir(parents=True, exist_ok=True)
         same_size = target.is_file() and target.stat().st_size == meta.size_bytes
-        if same_size and _sha256_file(target) == meta.sha256:
+        if same_size and sha256_file(target) == meta.sha256:
             return target  # already here
         part = target.with_name(target.name + ".part")
         digest = hashlib.sha256()
@@ -674,7 +680,8 @@ def _hash_into(digest: Any, f: IO[bytes]) -> None:
         digest.update(chunk)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex), as the service records it for an upload."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         _hash_into(digest, f)

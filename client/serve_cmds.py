@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,16 @@ def _migrate(url: str) -> None:
     upgrade_database(url)
 
 
+def _create_broker_tables(url: str) -> None:
+    # The embedded broker's tables, made once here: the worker and the reconciler starting
+    # together on a fresh data dir would both create them, and one loses the race.
+    if url.startswith(("sqla+", "sqlalchemy+")):
+        from kombu import Connection
+
+        with Connection(url) as conn:
+            conn.default_channel  # noqa: B018 - opening the channel creates the tables
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind the API to.")] = "127.0.0.1",
@@ -100,8 +111,10 @@ def serve(
         raise typer.Exit(2) from None
     if warning:
         typer.secho(warning, err=True, fg="red", bold=True)
+    _check_port_free(host, port)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _migrate(settings.database)
+    _create_broker_tables(settings.broker)
 
     from worker.celery_app import celery_command, control_argv, worker_argv
 
@@ -118,16 +131,29 @@ def serve(
             "--port",
             str(port),
         ],
-        "worker": celery_command(worker_argv(queues, 1, "WARNING")),
-        "reconciler": celery_command(control_argv("WARNING")),
+        # --quiet: no start-up banner; the lines that matter are ours, below.
+        "worker": celery_command(["--quiet", *worker_argv(queues, 1, "WARNING")]),
+        "reconciler": celery_command(["--quiet", *control_argv("WARNING")]),
     }
+    # Noise a user can do nothing about: Celery's warning on every start as root (containers,
+    # CI), and torch's own deprecation warning each time a job loads a torch.export teacher.
+    quiet = [
+        "ignore:You're running the worker with superuser privileges",
+        "ignore:`isinstance(treespec",
+    ]
+    env.setdefault("PYTHONWARNINGS", ",".join(quiet))
     children: dict[str, subprocess.Popen[bytes]] = {}
     # Children get their own process groups, so Ctrl-C reaches only us and we stop them in order.
+    # SIGTERM (kill, a supervisor, a CI timeout) stops them the same way.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         for name, args in commands.items():
             children[name] = subprocess.Popen(args, env=env, start_new_session=True)
-        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-        typer.echo(f"distill is running at {url}  (API docs: {url}/docs)")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+        _wait_until_up(url, children)
+        typer.echo(f"distill is running at {url}  (dashboard: {url}/, API docs: {url}/docs)")
         typer.echo(f"data: {settings.data_dir.resolve()}  (database, blobs, broker)")
         if settings.auth == "off":
             typer.echo("auth is off: no API key needed on this machine")
@@ -138,17 +164,64 @@ def serve(
     except KeyboardInterrupt:
         typer.echo("stopping…")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
         _stop(children)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit with one clear line when ``host:port`` cannot be bound (before starting anything)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is not mistaken for taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            typer.echo(
+                f"error: cannot listen on {host}:{port} ({exc.strerror or exc}); another "
+                f"program (an earlier `distill serve`?) uses it. Stop it, or choose another "
+                f"port: `distill serve --port {port + 10}` (`make serve PORT={port + 10}`)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+
+def _wait_until_up(
+    url: str, children: dict[str, subprocess.Popen[bytes]], timeout: float = 120.0
+) -> None:
+    """Block until the API answers ``/healthz``; a child that exits first stops the service."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_alive(children)
+        try:
+            # trust_env=False: a proxy from the environment must not answer for localhost.
+            if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    typer.echo(f"the API did not answer {url}/healthz within {timeout:.0f} s", err=True)
+    raise typer.Exit(1)
+
+
+def _check_alive(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    for name, proc in children.items():
+        code = proc.poll()
+        if code is not None:
+            typer.echo(f"{name} exited with code {code}; stopping the service", err=True)
+            raise typer.Exit(1)
+
+
 def _wait(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    """Block until a child exits (then stop the rest) or Ctrl-C."""
+    """Block until a child exits (then stop the rest), Ctrl-C or SIGTERM."""
     while True:
-        for name, proc in children.items():
-            code = proc.poll()
-            if code is not None:
-                typer.echo(f"{name} exited with code {code}; stopping the service", err=True)
-                raise typer.Exit(1)
+        _check_alive(children)
         time.sleep(0.5)
 
 

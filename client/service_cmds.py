@@ -20,6 +20,18 @@ def _database_url() -> str:
     return get_settings().database
 
 
+def _migrated_database_url() -> str:
+    """The database URL, after bringing the schema up to date (a fresh data dir has none yet)."""
+    from core.config import get_settings
+    from core.schema import upgrade_database
+
+    settings = get_settings()
+    if settings.database.startswith("sqlite:"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.database)
+    return settings.database
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -46,10 +58,9 @@ def api(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Bring the database to the newest schema."""
-    from core.schema import current_revision, upgrade_database
+    from core.schema import current_revision
 
-    url = _database_url()
-    upgrade_database(url)
+    url = _migrated_database_url()
     typer.echo(f"database at revision {current_revision(url)}")
 
 
@@ -76,7 +87,7 @@ def keys_create(
     from core.auth import create_key
     from core.db import session_scope
 
-    with session_scope(_database_url()) as session:
+    with session_scope(_migrated_database_url()) as session:
         row, key = create_key(session, tenant)
         key_id = row.id
     typer.echo(key)
@@ -95,7 +106,7 @@ def keys_revoke(
     from core.errors import DistillError
 
     try:
-        with session_scope(_database_url()) as session:
+        with session_scope(_migrated_database_url()) as session:
             row = revoke_key(session, key)
             key_id = row.id
     except DistillError as exc:
@@ -112,7 +123,7 @@ def keys_list(
     from core.auth import list_keys
     from core.db import session_scope
 
-    with session_scope(_database_url()) as session:
+    with session_scope(_migrated_database_url()) as session:
         for row, name in list_keys(session, tenant):
             revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
             typer.echo(

@@ -480,6 +480,9 @@ class ModelInfo(StrictModel):
     arch: str | None = None  # a built-in architecture (safetensors), so `shrink` works
     parameters: int | None = None  # sizes the default student
     hf: dict[str, Any] | None = None  # hf uploads: architecture, task, labels, sizes
+    # Whether the teacher names default features for fitnet/attention/rkd (the input of its
+    # last linear layer); None: not recorded (uploads from before this was recorded).
+    has_default_features: bool | None = None
 
 
 class DatasetInfo(StrictModel):
@@ -550,6 +553,7 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
             field="distillation.method",
         )
     _check_feature_method(spec, teachers)
+    _check_student_inputs(spec, dataset)
     data = spec.model_dump()
     data["task"] = task
     data["distillation"] = distillation.model_dump()
@@ -809,6 +813,56 @@ def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
             "(torch.export.save), or use an output method (kd, dkd, mse)",
             field=field,
         )
+    hints = getattr(method, "hints", None)
+    if not hints and teachers[0].format == "onnx" and teachers[0].has_default_features is False:
+        raise InvalidSpec(
+            f"method '{method.method}' reads the teacher's penultimate features, and this ONNX "
+            "teacher has none (no final Gemm/MatMul layer: a tree ensemble, for instance); use "
+            "an output method (kd, dkd, mse), or name tensors in distillation.hints",
+            field=field,
+        )
+
+
+def preset_input_problem(preset: str, shape: list[int | None], dtype: str) -> str | None:
+    """Why a preset student cannot take one sample of ``shape``/``dtype`` (None: it can)."""
+    tokens = dtype.startswith(("int", "uint"))
+    data = f"{dtype} of shape {['N', *shape]}"
+    if preset == "mlp" and not tokens and any(d is None for d in shape):
+        return (
+            f"an mlp needs a fixed input shape, got {shape}; use preset transformer for "
+            "variable-length sequences"
+        )
+    if preset in ("cnn", "resnet") and (tokens or len(shape) not in (2, 3)):
+        return (
+            f"a {preset} needs image inputs (C, H, W) or (H, W) of floats, but the data is "
+            f"{data}; use preset mlp (or transformer for sequences)"
+        )
+    if (
+        preset == "transformer"
+        and not (tokens and len(shape) == 1)
+        and not (not tokens and len(shape) == 2)
+    ):
+        return (
+            "a transformer needs token ids (N, L) or float sequences (N, L, d), but the data "
+            f"is {data}; use preset mlp or cnn"
+        )
+    return None
+
+
+def _check_student_inputs(spec: JobSpec, dataset: DatasetInfo) -> None:
+    """Every preset student takes the dataset's x: refused here rather than when the job runs."""
+    dtype = dataset.x_dtype.removeprefix("torch.")
+    if not dtype.startswith(("float", "bfloat", "int", "uint")):
+        return  # not a tensor yet (text, for one): the worker decides
+    for i, stage in enumerate(spec.chain()):
+        if stage.student.preset is None:
+            continue
+        problem = preset_input_problem(stage.student.preset, dataset.x_shape[1:], dtype)
+        if problem:
+            raise InvalidSpec(
+                problem,
+                field=f"stages.{i}.student.preset" if spec.stages else "student.preset",
+            )
 
 
 def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:

@@ -143,9 +143,14 @@ def list_datasets(
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    sha256: Annotated[
+        str | None, Query(description="only uploads of the file with this sha256 (hex)")
+    ] = None,
 ) -> dict[str, Any]:
     """List the tenant's datasets, newest first."""
     query = select(Dataset).where(Dataset.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(Dataset.sha256 == sha256.lower())
     if after:
         query = query.where(Dataset.id < after)
     rows = list(session.scalars(query.order_by(Dataset.id.desc()).limit(limit + 1)))

@@ -201,6 +201,7 @@ async def upload_model(
                 "inputs": [t.model_dump() for t in info.inputs],
                 "outputs": [t.model_dump() for t in info.outputs],
                 **({"hf": inspection.hf} if inspection.hf else {}),
+                "has_default_features": info.has_default_features,
             },
             trainable=inspection.trainable,
             storage_key=upload.blob.key,
@@ -224,9 +225,14 @@ def list_models(
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    sha256: Annotated[
+        str | None, Query(description="only uploads of the file with this sha256 (hex)")
+    ] = None,
 ) -> dict[str, Any]:
     """List the tenant's models, newest first."""
     query = select(Model).where(Model.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(Model.sha256 == sha256.lower())
     if after:
         query = query.where(Model.id < after)
     rows, has_more = page(

@@ -465,6 +465,36 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def student_io(
+    x: torch.Tensor, outputs: torch.Tensor, task: str, class_names: list[str] | None = None
+) -> dict[str, Any]:
+    """How to call the exported student: its input and output as the ONNX file names them,
+    with the batch dimension ``None``, and what the input must be prepared like (the ``x`` the
+    job trained on: its value range is the quickest check of a missing scaling step)."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    contract: dict[str, Any] = {
+        "name": "input",
+        "shape": [None, *x.shape[1:]],
+        "dtype": dtype,
+        "preprocessing": (
+            "prepare inputs exactly as the transfer set's x was prepared (same scaling, layout "
+            "and dtype); the student applies nothing else"
+        ),
+    }
+    if x.is_floating_point() and x.numel():
+        values = x.float()
+        contract["x_range"] = [round(float(values.min()), 6), round(float(values.max()), 6)]
+        contract["x_mean"] = round(float(values.mean()), 6)
+    output: dict[str, Any] = {"name": "output", "shape": [None, *outputs.shape[1:]]}
+    if task == "classification":
+        output["meaning"] = "one score (logit) per class; argmax is the predicted class"
+        if class_names:
+            output["classes"] = list(class_names)
+    else:
+        output["meaning"] = "the predicted target values"
+    return {"input": contract, "output": output}
+
+
 def write_report(
     path: Path, result: dict[str, Any], history: list[dict[str, Any]], spec: dict[str, Any]
 ) -> None:

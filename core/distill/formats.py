@@ -27,7 +27,9 @@ HOW_TO_EXPORT = (
     "export the model instead: torch.export.save(torch.export.export(model, example_inputs), "
     "'model.pt2'), torch.jit.save(torch.jit.script(model), 'model.pt'), a safetensors state dict "
     "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors')) plus the built-in "
-    "'arch' it fits, or ONNX (torch.onnx.export)"
+    "'arch' it fits, or ONNX (torch.onnx.export); a scikit-learn model (joblib or pickle): "
+    "convert it to ONNX with skl2onnx, skl2onnx.to_onnx(model, X[:1].astype('float32'), "
+    "options={'zipmap': False}), and upload the .onnx file"
 )
 ONNX_SINGLE_FILE = (
     "save the model as one file: torch.onnx.export(..., external_data=False) or "
@@ -82,8 +84,8 @@ def _sniff(path: Path) -> str:
         return _sniff_zip(path)
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         raise UnsafeModelFile(
-            "the file is a Python pickle (torch.save of a model, or pickle.dump); pickles run "
-            f"code when opened and are never loaded; {HOW_TO_EXPORT}"
+            "the file is a Python pickle (torch.save of a model, joblib.dump or pickle.dump); "
+            f"pickles run code when opened and are never loaded; {HOW_TO_EXPORT}"
         )
     if _looks_like_safetensors(path, head, size):
         return "safetensors"

@@ -401,6 +401,7 @@ def _run(
         artifacts.extend(more)
     else:
         result["recommended"] = "student"
+    result["student_io"] = export.student_io(data.x_train, student_val, task, data.class_names)
     report.progress(Event("metrics", _delivered_metrics(result)))
     result["seconds"] = round(time.monotonic() - started, 3)
     result["seconds_by_phase"] = report.seconds_by_phase()

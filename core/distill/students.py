@@ -21,7 +21,7 @@ from core.distill.formats import check_exported_program_archive, check_torchscri
 from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher
 from core.errors import InvalidSpec, ModelInvalid, ShapeMismatch
-from core.spec import StudentSpec
+from core.spec import StudentSpec, preset_input_problem
 
 VOCAB_SIZE = 257  # byte tokenizer: 0 is padding, byte b is b + 1
 MAX_TOKENS = 2048  # positions a transformer supports when the sequence length is not fixed
@@ -409,28 +409,12 @@ def _preset_config(
         "depth": int(spec.depth),  # type: ignore[arg-type]
         "dropout": spec.dropout,
     }
+    problem = preset_input_problem(preset, shape, dtype)  # type: ignore[arg-type]
+    if problem:
+        raise InvalidSpec(problem, field="student.preset")
     if preset == "mlp":
-        if not tokens and any(d is None for d in shape):
-            raise InvalidSpec(
-                f"an mlp needs a fixed input shape, got {shape}; use preset transformer for "
-                "variable-length sequences",
-                field="student.preset",
-            )
         config["tokens"] = tokens
-    elif preset in ("cnn", "resnet"):
-        if tokens or len(shape) not in (2, 3):
-            raise InvalidSpec(
-                f"a {preset} needs image inputs (C, H, W) or (H, W) of floats, but the data is "
-                f"{dtype} of shape {['N', *shape]}; use preset mlp (or transformer for sequences)",
-                field="student.preset",
-            )
     elif preset == "transformer":
-        if not (tokens and len(shape) == 1) and not (not tokens and len(shape) == 2):
-            raise InvalidSpec(
-                "a transformer needs token ids (N, L) or float sequences (N, L, d), but the data "
-                f"is {dtype} of shape {['N', *shape]}; use preset mlp or cnn",
-                field="student.preset",
-            )
         heads = spec.heads or 4
         if spec.width % heads:  # type: ignore[operator]
             raise InvalidSpec(

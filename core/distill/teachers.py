@@ -291,7 +291,12 @@ class OnnxTeacher:
         out_infos = [_onnx_tensor_info(o) for o in outputs]
         if self._zipmap:
             out_infos[0] = TensorInfo(shape=[None, None], dtype="float32")
-        return ModelInfo(format="onnx", inputs=[_onnx_tensor_info(inp)], outputs=out_infos)
+        return ModelInfo(
+            format="onnx",
+            inputs=[_onnx_tensor_info(inp)],
+            outputs=out_infos,
+            has_default_features=self.default_feature_layer() is not None,
+        )
 
     def _fixed_batch(self) -> int | None:
         shape = self.info.inputs[0].shape

@@ -22,6 +22,7 @@ from core.spec import TrainingSpec
 from tests.browser.conftest import Service, screenshot, with_key
 from tests.conftest import DigitsCNN, train_classifier
 from tests.core.model_files import save_exported_program, save_pickled_model
+from tests.service.helpers import migrate, service_env, start_api
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -81,6 +82,7 @@ def test_shell_loads_without_key_and_asks_for_one(page: Any, service: Service) -
     notice = page.locator("#notice")
     notice.wait_for(state="visible")
     assert "missing API key" in notice.inner_text()
+    assert page.locator("#key-form").is_visible()  # auth is on: the key has a field
     page.fill("#api-key", service.key)
     page.click("#key-form button[type=submit]")
     page.wait_for_selector("#jobs-table[data-loaded=true]")
@@ -337,3 +339,45 @@ def test_cancel_button(page: Any, service: Service, uploaded: dict[str, Any]) ->
     assert _job_status(service, job_id)["status"] == "cancelled"
     assert page.locator("#cancel").is_hidden()
     assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+
+
+def test_unnamed_jobs_are_called_after_their_teacher_and_student(
+    page: Any, service: Service, uploaded: dict[str, Any]
+) -> None:
+    if not uploaded:
+        pytest.skip("needs the uploads of test_upload_forms")
+    spec = {
+        "teacher": {"model_id": uploaded["model"]["id"]},
+        "dataset_id": uploaded["dataset"]["id"],
+        "student": {"preset": "mlp", "width": 48, "depth": 1},
+        "training": {"epochs": 500, "baseline": False},
+    }
+    job_id = service.http.post("/v1/jobs", json=spec).json()["id"]
+    service.http.post(f"/v1/jobs/{job_id}/cancel")
+    with_key(page, service.key).goto("/")
+    row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
+    row.wait_for()
+    teacher = uploaded["model"]["name"]
+    assert row.locator("a.job-title").inner_text() == f"{teacher} → mlp 48×1"
+    assert job_id in row.locator("td").first.inner_text()  # the id is still there, below
+
+
+def test_with_auth_off_there_is_no_key_field(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("auth-off")
+    database = f"sqlite:///{tmp / 'distill.db'}"
+    migrate(database)
+    env = service_env(data_dir=str(tmp / "data"), database_url=database, auth="off")
+    api, base = start_api(env, tmp)
+    context = browser.new_context(base_url=base)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        page.wait_for_selector("#jobs-table[data-loaded=true]")
+        page.wait_for_function("document.getElementById('key-form').hidden")
+        assert page.locator("#key-form").is_hidden()
+        assert page.locator("#notice").is_hidden()
+    finally:
+        context.close()
+        api.stop()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner, Result
@@ -94,6 +95,39 @@ def test_submit_wait_with_local_files_then_logs_and_download(
         assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
     shown = distill(service, "jobs", "show", job["id"])
     assert "succeeded" in shown.stdout and "Validation results" in shown.stdout
+
+
+def test_a_retried_submit_reuses_the_uploads_of_the_same_files(
+    service: Service, uploaded: dict[str, Any], tmp_path: Path
+) -> None:
+    # Files the service has not seen under these names: the first submit uploads them.
+    folder = tmp_path / "retry"
+    folder.mkdir()
+    teacher = folder / "retry-teacher.pt2"
+    teacher.write_bytes(uploaded["teacher_path"].read_bytes())
+    data = np.load(uploaded["data_path"])
+    np.savez(folder / "retry-digits.npz", x=data["x"][:200], y=data["y"][:200])
+    spec = tiny_spec("x", "x")
+    spec["teacher"] = {"path": teacher.name}
+    del spec["dataset_id"]
+    spec["dataset_path"] = "retry-digits.npz"
+    path = write_spec(folder, spec)
+
+    first = distill(service, "jobs", "submit", str(path), "--json")
+    assert first.exit_code == 0, first.output
+    assert first.stderr.count("uploading") == 2, first.stderr
+    again = distill(service, "jobs", "submit", str(path), "--json")
+    assert again.exit_code == 0, again.output
+    assert "uploading" not in again.stderr and again.stderr.count("already uploaded") == 2
+    one, two = json.loads(first.stdout)["spec"], json.loads(again.stdout)["spec"]
+    assert one["teacher"] == two["teacher"] and one["dataset_id"] == two["dataset_id"]
+    with service.client() as client:
+        digest = hashlib.sha256((folder / "retry-digits.npz").read_bytes()).hexdigest()
+        assert [d.id for d in client.datasets.list(sha256=digest).data] == [one["dataset_id"]]
+        # The same bytes under another name are another upload (the name is what users see).
+        digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+        names = {m.name for m in client.models.list(sha256=digest).data}
+        assert names >= {"retry-teacher", "tiny-cnn"}
 
 
 def test_submit_json_wait(service: Service, uploaded: dict[str, Any], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -69,6 +70,19 @@ def test_pickles_are_refused_without_being_unpickled(tmp_path: Path, save) -> No
     assert info.value.code == "unsafe_model_file"
     assert "torch.export.save" in info.value.message and "ONNX" in info.value.message
     assert not marker.exists()
+
+
+def test_a_joblib_scikit_learn_model_is_refused_with_the_way_to_convert_it(tmp_path: Path):
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+    path = tmp_path / "model.joblib"
+    joblib.dump(model, path)
+    with pytest.raises(UnsafeModelFile) as info:
+        detect_format(path)
+    assert "joblib" in info.value.message and "skl2onnx.to_onnx" in info.value.message
 
 
 def test_a_pickled_whole_module_is_refused(tmp_path: Path) -> None:

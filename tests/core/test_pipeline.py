@@ -287,6 +287,29 @@ def test_an_onnx_teacher_is_compared_with_the_student_under_onnxruntime(
     assert [a.name for a in outcome.artifacts] == ["validation.npz", "report.json"]
 
 
+def test_the_report_states_how_to_call_the_student_and_the_onnx_file_agrees(files, tmp_path):
+    import onnxruntime as ort
+
+    outcome, _ = run(files, tmp_path, {"student": {"preset": "mlp", "width": 16}})
+    io = json.loads((tmp_path / "out" / "report.json").read_text())["result"]["student_io"]
+    assert io == outcome.result["student_io"]
+    contract = io["input"]
+    assert contract["shape"] == [None, 1, 8, 8] and contract["dtype"] == "float32"
+    assert "scaling" in contract["preprocessing"]
+    # digits / 16: the range a user compares their own inputs against.
+    assert contract["x_range"] == [0.0, 1.0] and 0 < contract["x_mean"] < 1
+    assert io["output"]["shape"] == [None, 10] and "argmax" in io["output"]["meaning"]
+
+    # Following the contract, and nothing else, runs the ONNX student.
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
+    (declared,) = session.get_inputs()
+    assert declared.name == contract["name"]
+    assert declared.shape[1:] == contract["shape"][1:]
+    batch = np.zeros([5, *contract["shape"][1:]], dtype=contract["dtype"])
+    (scores,) = session.run([io["output"]["name"]], {contract["name"]: batch})
+    assert list(scores.shape) == [5, *io["output"]["shape"][1:]]
+
+
 def test_ensemble_and_two_stage_chain_report_every_stage(files, tmp_path):
     spec = {
         "teacher": None,

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from torch import nn
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -39,13 +38,11 @@ def example_module() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def example_dir(tmp_path_factory: pytest.TempPathFactory, digits_teacher: nn.Module) -> Path:
-    """The example's files (the fixture's teacher stands in for a freshly trained one)."""
+def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's files, made as examples/digits/make_files.py makes them (seconds)."""
     root = tmp_path_factory.mktemp("example")
-    make = example_module()
-    x_tr, y_tr, x_va, y_va = make.digits_split()
-    make.save_teacher(digits_teacher, root / "teacher.pt2", torch.from_numpy(x_tr[:2]))
-    make.write_transfer_set(root / "digits.npz", x_tr, y_tr, x_va, y_va, labelled=100)
+    teacher, data, accuracy = example_module().make_files(root)
+    assert (teacher, data) == (root / "teacher.pt2", root / "digits.npz") and accuracy > 0.9
     return root
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tests.service.api_support import (
     insert_job,
     insert_model,
 )
-from tests.service.helpers import migrate
+from tests.service.helpers import migrate, service_env
 
 
 @pytest.fixture
@@ -145,3 +147,24 @@ def test_every_resource_is_404_for_another_tenant(api: Api) -> None:
     for kind in ("models", "datasets", "jobs"):
         assert api.client.get(f"/v1/{kind}", headers=stranger.headers).json()["data"] == []
         assert len(api.client.get(f"/v1/{kind}", headers=owner.headers).json()["data"]) == 1
+
+
+def test_keys_create_on_a_fresh_data_dir_sets_the_database_up_first(tmp_path: Path) -> None:
+    # The first command of a user who turns auth on, before the service has ever started.
+    data = tmp_path / "fresh"
+    env = service_env(data_dir=str(data))
+    cli_cmd = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+    created = subprocess.run(
+        [*cli_cmd, "keys", "create", "--tenant", "acme"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr[-2000:]
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("dk_") and "Traceback" not in created.stderr
+
+    api = build_api(f"sqlite:///{data / 'distill.db'}", tmp_path, auth_cache_seconds=0)
+    listed = api.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert listed.status_code == 200

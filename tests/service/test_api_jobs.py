@@ -492,3 +492,22 @@ def test_concurrent_creates_each_get_their_own_job(api: Api, setup: dict[str, st
     jobs = [future.result(timeout=30)[0] for future in futures]
     intake.close()
     assert len({job.id for job in jobs}) == 100 and _job_count(api, setup["tenant"]) == 100
+
+
+def test_a_spec_sent_without_the_json_content_type_says_to_send_that_header(
+    api: Api, setup: dict[str, str]
+) -> None:
+    # curl -d '{…}' without -H: the body arrives as application/x-www-form-urlencoded.
+    body = json.dumps(_spec(setup))
+    sent = {"Content-Type": "application/x-www-form-urlencoded", **_h(setup)}
+    r = api.client.post("/v1/jobs", content=body, headers=sent)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and "x-www-form-urlencoded" in message
+    assert "valid dictionary" not in message
+    assert _job_count(api, setup["tenant"]) == 0
+    # The same body with the header is a job.
+    ok = api.client.post(
+        "/v1/jobs", content=body, headers={**_h(setup), "Content-Type": "application/json"}
+    )
+    assert ok.status_code == 201, ok.text

@@ -186,8 +186,31 @@ def test_upload_without_a_file_part(api: Api) -> None:
     tenant = api.tenant()
     r = api.client.post("/v1/models", data={"name": "x"}, headers=tenant.headers)
     assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "file"
+    # A multipart form with text fields only: the fields received are named.
+    r = api.client.post("/v1/models", files={"name": (None, "x")}, headers=tenant.headers)
+    assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "file"
+    assert "fields received: 'name'" in r.json()["error"]["message"]
     r = api.client.post("/v1/models", json={"file": "x"}, headers=tenant.headers)
     assert r.status_code == 422 and "multipart" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/datasets"])
+def test_a_file_in_the_wrong_field_names_the_field_expected_and_the_one_received(
+    api: Api, route: str
+) -> None:
+    # curl -F data=@digits.npz: a file larger than any text field, under another name.
+    tenant = api.tenant()
+    big = _npz(x=np.zeros((300, 64), np.float32))
+    assert len(big) > 64 * 1024
+    r = api.client.post(
+        route, files={"data": ("digits.npz", big)}, data={"name": "x"}, headers=tenant.headers
+    )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["details"]["field"] == "file" and error["details"]["received"] == "data"
+    assert "no 'file' field" in error["message"] and "'data'" in error["message"]
+    assert "longer than" not in error["message"]
+    assert _blobs(api) == []
 
 
 @pytest.mark.slow

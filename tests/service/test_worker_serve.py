@@ -1,8 +1,9 @@
-"""`distill serve`: the whole service from one command, stopped cleanly by Ctrl-C."""
+"""`distill serve`: the whole service from one command, stopped cleanly by Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -55,3 +56,52 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         assert alive == [], [c.cmdline() for c in alive]
     finally:
         serve.stop()
+
+
+def _serve(tmp_path: Path, port: int) -> Proc:
+    cli = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+    args = [*cli, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    return Proc("serve", args, service_env(), tmp_path)
+
+
+def test_the_url_is_printed_once_the_api_answers_and_sigterm_stops_every_child(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    serve = _serve(tmp_path, port)
+    try:
+        serve.wait_for_output("distill is running at", timeout=90)
+        # The line is printed only after /healthz answered: a user who clicks it gets a page.
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        children = psutil.Process(serve.popen.pid).children(recursive=True)
+        assert len(children) >= 3
+
+        serve.popen.send_signal(signal.SIGTERM)  # a plain `kill`, a supervisor, a CI timeout
+        assert serve.popen.wait(30) == 0, serve.output()[-3000:]
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], [c.cmdline() for c in alive]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        out = serve.output()
+        # The start-up lines are not buried: no Celery banners, no warning about root, no
+        # broker tables created twice.
+        assert "[config]" not in out and "superuser" not in out, out
+        assert "Connection to broker lost" not in out, out
+    finally:
+        serve.stop()
+
+
+def test_a_port_in_use_is_reported_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = _serve(tmp_path, port)
+        try:
+            assert serve.popen.wait(60) == 1
+        finally:
+            serve.stop()
+    out = serve.output()
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "--port" in out, out
+    assert "distill is running" not in out and "exited with code" not in out, out
+    assert not (tmp_path / "data").exists()  # nothing was set up

@@ -73,6 +73,13 @@ function showKeyState() {
 
 keyInput.value = getKey();
 showKeyState();
+// With auth off (a local `distill serve`) there is no key to give: no key field.
+fetch("/dashboard/config.json")
+  .then((r) => (r.ok ? r.json() : null))
+  .then((config) => {
+    keyForm.hidden = Boolean(config && config.auth === "off");
+  })
+  .catch(() => {});
 keyForm.addEventListener("submit", (event) => {
   event.preventDefault();
   setKey(keyInput.value.trim());

@@ -73,12 +73,19 @@ function verdictMark(job) {
   return h("div.verdict-mark.small", { title: job.result.warning || "" }, "⚠ baseline better");
 }
 
+// A job without a name is called after what it does: "teacher name → student".
+function title(job, models) {
+  if (job.name) return job.name;
+  const teacher = models.get(teacherId(job.spec || {}));
+  return `${teacher ? teacher.name : "teacher"} → ${studentText(job.spec || {})}`;
+}
+
 function row(job, models) {
-  const link = h("a", { href: `/jobs/${job.id}`, "data-link": true }, job.name || job.id);
+  const link = h("a.job-title", { href: `/jobs/${job.id}`, "data-link": true }, title(job, models));
   return h(
     "tr",
     { dataset: { jobId: job.id, status: job.status } },
-    h("td", {}, link, job.name ? h("div.muted.small", {}, job.id) : null),
+    h("td", {}, link, h("div.muted.small", {}, job.id)),
     h("td", {}, statusBadge(job.status), verdictMark(job)),
     h("td", {}, progressBar(job), h("div.muted.small", {}, epochText(job))),
     h("td", { title: job.created_at }, fmtAge(job.created_at)),
