@@ -136,10 +136,14 @@ def test_job_form_defaults_and_field_error(
     with_key(page, service.key).goto("/jobs/new")
     form = page.locator("#job-form")
     form.wait_for()
+    # What the service chooses from the data is left empty, marked "auto".
+    for name in ("training.epochs", "training.batch_size", "training.lr", "student.width"):
+        assert form.locator(f"[name='{name}']").input_value() == "", name
+        assert form.locator(f"[name='{name}']").get_attribute("placeholder") == "auto", name
     defaults = TrainingSpec()
-    assert form.locator("[name='training.epochs']").input_value() == str(defaults.epochs)
-    assert form.locator("[name='training.batch_size']").input_value() == str(defaults.batch_size)
-    assert float(form.locator("[name='training.lr']").input_value()) == defaults.lr
+    assert float(form.locator("[name='training.max_minutes']").input_value()) == (
+        defaults.max_minutes
+    )
     assert form.locator("[name='distillation.method']").input_value() == "kd"
     assert form.locator("[name='teacher.model_id']").input_value() == uploaded["model"]["id"]
     assert form.locator("[name='dataset_id']").input_value() == uploaded["dataset"]["id"]

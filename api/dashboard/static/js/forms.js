@@ -36,7 +36,16 @@ function select(options, value) {
   );
 }
 
-const number = (value, step = "any") => h("input", { type: "number", step, value: value ?? "" });
+/** A number input; a value the service chooses from the data ("auto") is left empty. */
+const number = (value, step = "any") => {
+  const auto = value === "auto" || (value !== null && typeof value === "object");
+  return h("input", {
+    type: "number",
+    step,
+    value: auto ? "" : value ?? "",
+    placeholder: auto ? "auto" : "",
+  });
+};
 const text = (value = "", placeholder = "") => h("input", { type: "text", value, placeholder });
 
 function clearErrors(form) {
@@ -129,14 +138,10 @@ export async function renderNewJob(view, { navigate }) {
   const preset = "mlp";
   const modelOptions = models.map((m) => [m.id, `${m.name} (${m.format}, ${fmtCount(m.parameters)} params)`]);
   const datasetOptions = datasets.map((d) => [d.id, `${d.name} (${d.n_samples} samples${d.has_labels ? `, ${d.n_classes} classes` : ", no labels"})`]);
-  const width = number(config.presets[preset].width, "1");
-  const depth = number(config.presets[preset].depth, "1");
+  // Empty sizes: an mlp is sized from the teacher, another preset takes its own defaults.
+  const width = number("auto", "1");
+  const depth = number("auto", "1");
   const presetSelect = select(Object.keys(config.presets).map((p) => [p, p]), preset);
-  presetSelect.addEventListener("change", () => {
-    const sizes = config.presets[presetSelect.value];
-    width.value = sizes.width;
-    depth.value = sizes.depth;
-  });
   const methodSelect = select(config.methods.map((m) => [m, m]), "kd");
   const temperature = number(kd.temperature);
   const alpha = number(kd.alpha);
@@ -168,7 +173,7 @@ export async function renderNewJob(view, { navigate }) {
       {},
       h("legend", {}, "Student and method"),
       field("Student preset", "student.preset", presetSelect),
-      field("Width", "student.width", width),
+      field("Width", "student.width", width, "empty: chosen for you (an mlp from the teacher's size)"),
       field("Depth", "student.depth", depth),
       field("Method", "distillation.method", methodSelect),
       field("Temperature", "distillation.temperature", temperature),
@@ -178,9 +183,9 @@ export async function renderNewJob(view, { navigate }) {
       "fieldset",
       {},
       h("legend", {}, "Training"),
-      field("Epochs", "training.epochs", number(t.epochs, "1")),
+      field("Epochs", "training.epochs", number(t.epochs, "1"), "empty: chosen from the dataset's size"),
       field("Batch size", "training.batch_size", number(t.batch_size, "1")),
-      field("Learning rate", "training.lr", number(t.lr)),
+      field("Learning rate", "training.lr", number(t.lr), "empty: found by short trials on the validation split"),
       field("Optimizer", "training.optimizer", select([["adamw", "adamw"], ["sgd", "sgd"]], t.optimizer)),
       field("Device", "training.device", select([["auto", "auto"], ["cpu", "cpu"], ["cuda", "cuda"]], t.device)),
       field("Time limit (minutes)", "training.max_minutes", number(t.max_minutes)),
