@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.errors import InvalidSpec, ShapeMismatch
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "causal_lm"]
 Preset = Literal["mlp", "cnn", "resnet", "transformer"]
 ExportFormat = Literal["torchscript", "onnx", "safetensors", "hf"]
 Quantization = Literal["none", "dynamic_int8", "fp16", "static_int8"]
@@ -181,6 +181,20 @@ class AttentionMethod(_OutputKD):
     attention_weight: float = Field(default=1.0, ge=0)
 
 
+class ReverseKLMethod(_OutputKD):
+    """Reverse KL(student ‖ teacher) per token, mode-seeking (Gu et al. 2024, MiniLLM)."""
+
+    method: Literal["reverse_kl"] = "reverse_kl"
+
+
+class JSDMethod(_OutputKD):
+    """Generalised Jensen–Shannon divergence per token (Agarwal et al. 2024, GKD): β = 0 is
+    forward KL, β = 1 reverse KL."""
+
+    method: Literal["jsd"] = "jsd"
+    beta: float = Field(default=0.5, ge=0, le=1)
+
+
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
@@ -199,10 +213,19 @@ class RKDMethod(_OutputKD):
 
 
 DistillationSpec = Annotated[
-    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod | HiddenMethod,
+    KDMethod
+    | MSEMethod
+    | DKDMethod
+    | FitNetMethod
+    | AttentionMethod
+    | RKDMethod
+    | HiddenMethod
+    | ReverseKLMethod
+    | JSDMethod,
     Field(discriminator="method"),
 ]
-METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden")
+METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden", "reverse_kl", "jsd")
+CAUSAL_METHODS = ("kd", "reverse_kl", "jsd")  # per-token losses of causal language models
 FEATURE_METHODS = (
     "fitnet",
     "attention",
@@ -233,6 +256,8 @@ class TrainingSpec(StrictModel):
     max_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60)
     cache_teacher_outputs: bool = True
     max_length: int = Field(default=128, ge=2, le=8192)  # hf teachers: tokens per text
+    # causal LMs: the teacher's top-k logits per token cached once per pair (0: full logits live)
+    logit_cache_k: int = Field(default=64, ge=0, le=1024)
     baseline: bool = True  # also train the student on labels alone, when labels exist
 
 
@@ -408,13 +433,15 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
         if dataset.n_val
         else int(dataset.n_samples * (1 - spec.training.val_fraction))
     )
-    if spec.training.batch_size > max(n_train, 1):
+    if task != "causal_lm" and spec.training.batch_size > max(n_train, 1):
         raise InvalidSpec(
             f"batch_size {spec.training.batch_size} is larger than the {n_train} training "
             "samples; use a smaller batch_size",
             field="training.batch_size",
         )
     default_method: Any = KDMethod() if task == "classification" else MSEMethod()
+    if task == "causal_lm":
+        default_method = KDMethod(temperature=1.0, alpha=0.5)
     distillation = spec.distillation or default_method
     if task == "regression" and distillation.method in ("kd", "dkd"):
         raise InvalidSpec(
@@ -497,6 +524,12 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                         field=f"{where}.{key}",
                     )
         method = spec.distillation.method if spec.distillation else None
+        if method in ("reverse_kl", "jsd"):
+            raise InvalidSpec(
+                f"method '{method}' is a per-token loss of causal language models; this teacher "
+                "is not one: use 'kd'",
+                field="distillation.method",
+            )
         if method == "hidden":
             raise InvalidSpec(
                 "method 'hidden' maps a Hugging Face teacher's hidden states; for other "
@@ -511,11 +544,13 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
         return
     hf = first.hf
     if hf.get("task") == "causal_lm":
-        raise InvalidSpec(
-            "causal language models cannot be distilled yet; upload a sequence classifier or an "
-            "encoder (feature extraction)",
-            field="teacher",
-        )
+        method = spec.distillation.method if spec.distillation else "kd"
+        if method not in CAUSAL_METHODS:
+            raise InvalidSpec(
+                f"method '{method}' is not available for a causal language model; use one of "
+                f"{', '.join(CAUSAL_METHODS)}",
+                field="distillation.method",
+            )
     if len(teachers) > 1:
         raise InvalidSpec(
             "an ensemble of Hugging Face teachers is not supported; give one teacher",
@@ -613,6 +648,8 @@ def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:
 
 def _infer_task(teacher: ModelInfo, dataset: DatasetInfo) -> Task:
     if teacher.hf is not None:
+        if teacher.hf.get("task") == "causal_lm":
+            return "causal_lm"
         return (
             "classification"
             if teacher.hf.get("task") == "sequence_classification"

@@ -80,11 +80,11 @@ class HFModel(nn.Module):
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
-            output_hidden_states=hidden or self.task != "sequence_classification",
+            output_hidden_states=hidden or self.task == "feature_extraction",
             output_attentions=attentions,
         )
-        if self.task == "sequence_classification":
-            y = out.logits
+        if self.task in ("sequence_classification", "causal_lm"):
+            y = out.logits  # causal LMs: (N, L, vocab), the next-token logits at every position
         else:
             y = mean_pool(out.hidden_states[-1], mask)
         feats: dict[str, Tensor] = {}
@@ -96,11 +96,11 @@ class HFModel(nn.Module):
 
 
 def model_class(config: Any, task: str) -> Any:
-    """The class to instantiate: the config's own architecture for a classifier, else the
-    family's base model (its encoder without a head)."""
+    """The class to instantiate: the config's own architecture for a classifier or a causal
+    LM, else the family's base model (its encoder without a head)."""
     import transformers
 
-    if task == "sequence_classification":
+    if task in ("sequence_classification", "causal_lm"):
         return getattr(transformers, config.architectures[0])
     return transformers.AutoModel
 

@@ -32,7 +32,7 @@ from core.errors import InvalidSpec
 from core.spec import FromTeacher, StudentSpec
 
 IMPORTANCE_SAMPLES = 256  # rows of the transfer set that rank channels and heads
-_LAYER = re.compile(r"\.(layers?)\.(\d+)\.")
+_LAYER = re.compile(r"\.(layers?|h)\.(\d+)\.")  # BERT/Llama ``layer(s).i``, GPT-2 ``h.i``
 
 
 def build_hf_student(
