@@ -202,6 +202,9 @@ def _read_jsonl(path: Path, options: dict[str, Any]) -> _Arrays:
                 row = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DatasetInvalid(f"line {lineno} is not JSON ({exc})") from None
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                # a causal LM's prompt (and completion): the text is the two together
+                row = {"text": row["prompt"] + str(row.get("completion") or "")}
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DatasetInvalid(
                     f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'

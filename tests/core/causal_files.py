@@ -69,7 +69,19 @@ def train_teacher(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = GPT2LMHeadModel(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches run many times slower on two busy threads
+    try:
+        _train(model := GPT2LMHeadModel(config), tokenizer, texts, steps)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _train(model, tokenizer, texts: list[str], steps: int) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
     data = windows(tokenizer, texts, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -81,8 +93,6 @@ def train_teacher(
         loss.backward()
         opt.step()
     model.eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def zip_folder(folder: Path, path: Path) -> Path:
