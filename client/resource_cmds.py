@@ -139,8 +139,8 @@ def models_upload(
     path: Annotated[
         Path,
         typer.Argument(
-            help="Model file (.pt2, .onnx, .pt, .safetensors, or a .zip of a Hugging Face "
-            "save_pretrained folder)."
+            help="Model file (.pt2, .onnx, .pt, .safetensors), or a Hugging Face "
+            "save_pretrained folder (zipped on the way) or its .zip."
         ),
     ],
     name: Annotated[str | None, typer.Option(help="Name (default: the file's stem).")] = None,

@@ -22,7 +22,9 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -283,6 +285,15 @@ def _upload(client: Client, route: str, path: str | Path, fields: dict[str, str]
         return client.request("POST", route, files={"file": (path.name, f)}, data=fields).json()
 
 
+def _zip_folder(folder: Path, target: Path) -> Path:
+    """A folder's files in a zip, at its root (the hf upload format)."""
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                zf.write(file, file.relative_to(folder).as_posix())
+    return target
+
+
 def _page(cls: type[Resource], body: dict[str, Any], client: Client | None = None) -> Page[Any]:
     items = [cls.from_dict(item) for item in body.get("data", [])]
     if client is not None:
@@ -302,9 +313,16 @@ class Models(_Section):
         arch: str | dict[str, Any] | None = None,
         input_shape: list[int] | tuple[int, ...] | None = None,
     ) -> Model:
-        """Upload a model file; the service opens it in a sandbox and records its signature."""
+        """Upload a model file; the service opens it in a sandbox and records its signature.
+
+        A folder (a Hugging Face ``save_pretrained`` folder) is zipped and uploaded as ``hf``.
+        """
         arch_value = json.dumps(arch) if isinstance(arch, dict) else arch
         fields_ = _form(name=name, format=format, arch=arch_value, input_shape=input_shape)
+        if Path(path).is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                zipped = _zip_folder(Path(path), Path(tmp) / f"{Path(path).resolve().name}.zip")
+                return Model.from_dict(_upload(self.client, "/v1/models", zipped, fields_))
         return Model.from_dict(_upload(self.client, "/v1/models", path, fields_))
 
     def list(self, limit: int = 20, after: str | None = None) -> Page[Model]:

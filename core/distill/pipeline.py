@@ -457,7 +457,8 @@ def _build(
         model_file = models[key]
     torch.manual_seed(seed)
     hf_file = model_file is not None and model_file.format == "hf"
-    if student.from_teacher is not None or student.hf_config is not None or hf_file:
+    hf_teacher = getattr(teacher, "hf", None) is not None  # its students are hf models too
+    if student.from_teacher is not None or student.hf_config is not None or hf_file or hf_teacher:
         from core.distill.hf.students import build_hf_student
 
         return build_hf_student(student, teacher, model_file=model_file, x=data.x_train)  # type: ignore[arg-type]

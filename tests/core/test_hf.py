@@ -88,6 +88,9 @@ def _rezip(folder: Path, path: Path, extra: dict[str, bytes] | None = None, **co
 def test_archive_detected_and_refusals_say_what_to_do(teacher_dir: Path, tmp_path: Path) -> None:
     assert detect_format(zip_folder(teacher_dir, tmp_path / "ok.zip")) == "hf"
     assert detect_format(zip_folder(teacher_dir, tmp_path / "top.zip", top="m"), "hf") == "hf"
+    from client.sdk import _zip_folder  # what the SDK and CLI send for a folder
+
+    assert detect_format(_zip_folder(teacher_dir, tmp_path / "sdk.zip")) == "hf"
 
     with pytest.raises(UnsafeModelFile, match=r"safe_serialization=True"):
         detect_format(_rezip(teacher_dir, tmp_path / "bin.zip", {"pytorch_model.bin": b"x"}))
@@ -414,3 +417,59 @@ def test_distill_run_writes_the_unzipped_folder(
     assert {"student_hf.zip", "student.onnx", "report.json"} <= {p.name for p in out.iterdir()}
     model = AutoModelForSequenceClassification.from_pretrained(out / "student_hf")
     assert model.config.num_hidden_layers == 1 and model.config.id2label[0] == "compound"
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_checkpoints(
+    teacher_zip: Path, texts: Path, tmp_path: Path
+) -> None:
+    spec = parse_spec({
+        "teacher": {"path": "teacher.zip"},
+        "dataset_path": "topics.jsonl",
+        "distillation": {"method": "hidden"},
+        "training": {"epochs": 2, "batch_size": 64, "max_length": 32, "device": "cpu"},
+    })  # fmt: skip
+    runs = []
+    for _ in range(2):
+        logs: list[str] = []
+        outcome = run_job(
+            spec,
+            models={"teacher.zip": ModelFile(teacher_zip, "hf")},
+            dataset=texts,
+            out_dir=tmp_path / "out",
+            work_dir=tmp_path / "work",
+            progress=lambda e, logs=logs: logs.append(e.data.get("message", "")),
+        )
+        runs.append((outcome.result, logs))
+    assert not any("resumed" in m for m in runs[0][1])
+    assert any("resumed" in m for m in runs[1][1])
+    for key in ("accuracy", "kl_to_teacher"):
+        assert runs[1][0]["student"][key] == runs[0][0]["student"][key]
+
+
+def test_uploaded_hf_student_with_the_teachers_vocabulary(
+    teacher_zip: Path, texts: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    small = tiny_bert(tmp_path / "small", tokenizer=tokenizer, layers=1, hidden=32, heads=2)
+    other = tiny_bert(tmp_path / "other", tokenizer=train_tokenizer(600), layers=1, hidden=32)
+    models = {
+        "teacher.zip": ModelFile(teacher_zip, "hf"),
+        "small.zip": ModelFile(zip_folder(small, tmp_path / "small.zip"), "hf"),
+        "other.zip": ModelFile(zip_folder(other, tmp_path / "other.zip"), "hf"),
+    }
+    body = {
+        "teacher": {"path": "teacher.zip"},
+        "dataset_path": "topics.jsonl",
+        "training": {"epochs": 1, "max_length": 32, "baseline": False, "device": "cpu"},
+    }
+    outcome = run_job(
+        parse_spec({**body, "student": {"path": "small.zip"}}),
+        models=models, dataset=texts, out_dir=tmp_path / "out", work_dir=tmp_path / "w1",
+    )  # fmt: skip
+    assert outcome.result["student"]["parameters"] < outcome.result["teacher"]["parameters"]
+    with pytest.raises(InvalidSpec, match="another vocabulary") as err:
+        run_job(
+            parse_spec({**body, "student": {"path": "other.zip"}}),
+            models=models, dataset=texts, out_dir=tmp_path / "out2", work_dir=tmp_path / "w2",
+        )  # fmt: skip
+    assert err.value.field == "student"

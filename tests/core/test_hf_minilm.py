@@ -145,6 +145,7 @@ def test_student_keeps_90_percent_of_the_teacher(teacher_zip: Path, tmp_path: Pa
     rows = [{"text": t, "label": label} for t, label in train] + _test_rows()
     result = _distil(teacher_zip, tmp_path, rows, seed=0)
     teacher, student = result["teacher"], result["student"]
+    print("all labels:", {k: result[k].get("accuracy") for k in ("teacher", "student", "baseline")})
     assert teacher["accuracy"] > 0.8, teacher
     assert teacher["parameters"] / student["parameters"] > 4.5
     assert student["accuracy"] >= 0.9 * teacher["accuracy"], (teacher, student)
@@ -157,4 +158,5 @@ def test_few_labels_distillation_beats_labels_alone(teacher_zip: Path, tmp_path:
     rows += [{"text": t} for t in _other_paragraphs(600)] + _test_rows()
     result = _distil(teacher_zip, tmp_path, rows, seed=0)
     student, baseline = result["student"], result["baseline"]
+    print("20% labels:", {k: result[k].get("accuracy") for k in ("teacher", "student", "baseline")})
     assert student["accuracy"] >= baseline["accuracy"] + 0.03, (student, baseline)

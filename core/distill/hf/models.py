@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,14 @@ class HFModel(nn.Module):
 
 
 def model_class(config: Any, task: str) -> Any:
-    """The class to instantiate: the config's own architecture for a classifier or a causal
-    LM, else the family's base model (its encoder without a head)."""
+    """The auto class to instantiate: the family's sequence classifier or causal LM, or its
+    base model (the encoder without a head) for feature extraction."""
     import transformers
 
-    if task in ("sequence_classification", "causal_lm"):
-        return getattr(transformers, config.architectures[0])
+    if task == "sequence_classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal_lm":
+        return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 
@@ -185,9 +188,8 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> Tensor:
 class HFTeacher(ModuleTeacher):
     """A frozen ``hf`` model: ``features`` names ``hidden_states.i`` and ``attentions.i``."""
 
-    def __init__(self, module: HFModel, info: ModelInfo, size_bytes: int, folder: Path) -> None:
+    def __init__(self, module: HFModel, info: ModelInfo, size_bytes: int) -> None:
         super().__init__(module, info, size_bytes=size_bytes)
-        self.folder = folder
         self.hf = hf_block(module)
 
     @property
@@ -224,8 +226,13 @@ class HFTeacher(ModuleTeacher):
 
 def load_hf_teacher(file: ModelFile, device: torch.device | str = "cpu") -> HFTeacher:
     """Unzip an ``hf`` upload into a temporary folder (of this process) and load it."""
-    folder = extract_hf_archive(file.path, Path(tempfile.mkdtemp(prefix="hf-model-")))
-    module = load_folder(folder)
+    work = Path(tempfile.mkdtemp(prefix="hf-model-"))
+    try:
+        folder = extract_hf_archive(file.path, work)
+        module = load_folder(folder)
+        size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # loaded: the unpacked copy is not needed
     x = encode(module.tokenizer, ["a probe sentence", "another"], 16)
     try:
         with torch.no_grad():
@@ -242,7 +249,6 @@ def load_hf_teacher(file: ModelFile, device: torch.device | str = "cpu") -> HFTe
         trainable=True,
         arch=None,
     )
-    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    teacher = HFTeacher(module, info, size, folder)
+    teacher = HFTeacher(module, info, size)
     teacher.info = info.model_copy(update={"hf": teacher.hf})
     return teacher.to(device)  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -289,8 +290,11 @@ def _uploaded(model_file: ModelFile, teacher: HFTeacher, field: str) -> HFModel:
             "zip) with the teacher's vocabulary",
             field=field,
         )
-    folder = extract_hf_archive(model_file.path, Path(tempfile.mkdtemp(prefix="hf-student-")))
-    student = load_folder(folder)
+    work = Path(tempfile.mkdtemp(prefix="hf-student-"))
+    try:
+        student = load_folder(extract_hf_archive(model_file.path, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     check_same_vocabulary(vocab_hash(student.tokenizer), teacher.hf["vocab_sha256"], field)
     t_cfg = teacher.module.config
     if teacher.module.task == "sequence_classification" and (
