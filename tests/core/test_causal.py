@@ -109,7 +109,7 @@ def test_llama_student_from_teacher_copies_layers(tmp_path: Path, texts: list[st
     module = load_folder(tmp_path / "llama")
     assert module.task == "causal_lm"
     info = ModelInfo(format="hf", inputs=[], outputs=[])
-    teacher = HFTeacher(module, info, 0, tmp_path / "llama")
+    teacher = HFTeacher(module, info, 0)
     x = torch.stack([torch.randint(len(tok), (4, 16)), torch.ones(4, 16, dtype=torch.long)], 1)
     student = build_hf_student(
         StudentSpec(from_teacher=FromTeacher(layers=2)), teacher, model_file=None, x=x
@@ -146,7 +146,7 @@ def test_cache_loss_matches_full_logits_on_the_trained_teacher(
         top_mass = full_logits.softmax(-1).topk(64, -1).values.sum(-1).mean()
         # a student as training starts: the teacher's layers 1 and 3 at half the width
         small = StudentSpec(from_teacher=FromTeacher(layers=2, hidden_size=32))
-        teacher = HFTeacher(model, ModelInfo(format="hf", inputs=[], outputs=[]), 0, tmp_path)
+        teacher = HFTeacher(model, ModelInfo(format="hf", inputs=[], outputs=[]), 0)
         student = build_hf_student(small, teacher, model_file=None, x=x)(x).float()
     targets, mask = x[:, 0, 1:], data.train.target[:8, 1:] & x[:, 1, 1:].bool()
     full, _ = token_kd.loss(
