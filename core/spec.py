@@ -195,6 +195,34 @@ class JSDMethod(_OutputKD):
     beta: float = Field(default=0.5, ge=0, le=1)
 
 
+class GenerateSpec(StrictModel):
+    """How a model writes completions (``seqkd``: the teacher; ``gkd``: the student)."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0, le=10)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    samples: int = Field(default=1, ge=1, le=16)  # seqkd: completions per prompt
+
+
+class SeqKDMethod(StrictModel):
+    """Sequence-level KD (Kim & Rush 2016): the student learns the teacher's completions."""
+
+    method: Literal["seqkd"] = "seqkd"
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+
+class GKDMethod(StrictModel):
+    """On-policy generalised KD (Agarwal et al. 2024): with probability λ a batch is the
+    student's own completions of the prompts, scored per token by the teacher with JSD_β."""
+
+    method: Literal["gkd"] = "gkd"
+    lmbda: float = Field(default=0.5, ge=0, le=1)
+    beta: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    alpha: float = Field(default=1.0, ge=0, le=1)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
@@ -221,11 +249,17 @@ DistillationSpec = Annotated[
     | RKDMethod
     | HiddenMethod
     | ReverseKLMethod
-    | JSDMethod,
+    | JSDMethod
+    | SeqKDMethod
+    | GKDMethod,
     Field(discriminator="method"),
 ]
-METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden", "reverse_kl", "jsd")
-CAUSAL_METHODS = ("kd", "reverse_kl", "jsd")  # per-token losses of causal language models
+METHODS = (
+    *("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden"),
+    *("reverse_kl", "jsd", "seqkd", "gkd"),
+)
+CAUSAL_METHODS = ("kd", "reverse_kl", "jsd", "seqkd", "gkd")  # methods of causal LMs
+PROMPT_METHODS = ("seqkd", "gkd")  # they need prompts to complete
 FEATURE_METHODS = (
     "fitnet",
     "attention",
@@ -392,6 +426,7 @@ class DatasetInfo(StrictModel):
     n_val: int | None = None  # samples in a given validation split
     text: bool = False  # a .jsonl of texts (an hf teacher tokenises them itself)
     class_names: list[str] | None = None  # label names, when the labels were given as names
+    prompts: bool = False  # a .jsonl with {"prompt"} lines (causal LMs: seqkd, gkd)
 
 
 def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> JobSpec:
@@ -524,7 +559,7 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                         field=f"{where}.{key}",
                     )
         method = spec.distillation.method if spec.distillation else None
-        if method in ("reverse_kl", "jsd"):
+        if method in ("reverse_kl", "jsd", "seqkd", "gkd"):
             raise InvalidSpec(
                 f"method '{method}' is a per-token loss of causal language models; this teacher "
                 "is not one: use 'kd'",
@@ -550,6 +585,12 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                 f"method '{method}' is not available for a causal language model; use one of "
                 f"{', '.join(CAUSAL_METHODS)}",
                 field="distillation.method",
+            )
+        if method in PROMPT_METHODS and not dataset.prompts:
+            raise InvalidSpec(
+                f"method '{method}' completes prompts, and the dataset has none; upload a "
+                '.jsonl with {"prompt": ...} lines (a completion is optional)',
+                field=dataset_field,
             )
     if len(teachers) > 1:
         raise InvalidSpec(

@@ -230,3 +230,80 @@ def test_second_job_reads_the_cache_and_exports_reload(
     (logits,) = session.run(None, {"input_ids": x[:, 0].numpy(), "attention_mask": x[:, 1].numpy()})
     with torch.no_grad():
         assert abs(logits - student(x).numpy()).max() < 1e-3
+
+
+def _prompt_data(path: Path, texts: list[str]) -> Path:
+    rows = []
+    for i, text in enumerate(texts[:200]):
+        words = text.split()
+        rows.append(
+            {"prompt": " ".join(words[:6]), "completion": " " + " ".join(words[6:30])}
+            | ({"split": "val"} if i % 10 == 0 else {})
+        )
+    return _lines(path, rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "reverse_kl", "temperature": 1.0, "alpha": 0.5},
+        {"method": "jsd", "beta": 0.5, "temperature": 1.0, "alpha": 0.5},
+        {"method": "seqkd", "generate": {"max_new_tokens": 24, "samples": 2}},
+        {"method": "gkd", "lmbda": 0.5, "generate": {"max_new_tokens": 16}},
+    ],
+    ids=lambda m: m["method"],
+)
+def test_every_causal_method_runs_and_beats_a_random_student(
+    teacher: Path, tmp_path: Path, texts: list[str], method: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(lm_cache.CACHE_ENV, str(tmp_path / "shared"))
+    data = _prompt_data(tmp_path / "pc.jsonl", texts)
+    spec = JobSpec.model_validate(
+        _job(epochs=4).model_dump(exclude_none=True) | {"distillation": method, "export": ["hf"]}
+    )
+    runs = []
+    for i in range(2 if method["method"] == "seqkd" else 1):
+        events: list[Event] = []
+        outcome = run_job(
+            spec,
+            models={"teacher": ModelFile(teacher, "hf")},
+            dataset=data,
+            out_dir=tmp_path / f"out{i}",
+            work_dir=tmp_path / f"work{i}",
+            progress=events.append,
+        )
+        runs.append((outcome.result, [e.data.get("message", "") for e in events]))
+    result = runs[-1][0]
+    vocab = 512  # a random student's perplexity is about the vocabulary's size
+    assert result["student"]["perplexity"] < 0.3 * vocab
+    assert result["method"] == method["method"]
+    if method["method"] == "seqkd":  # the teacher's generations are stored and read again
+        assert runs[0][0]["generations"]["read"] is False
+        assert result["generations"]["read"] is True
+        assert any("the teacher read" in m for m in runs[1][1])
+    if method["method"] == "gkd":
+        rows = [r for r in outcome.history if r.get("label") == "student"]
+        assert 0 < rows[-1]["on_policy_fraction"] < 1
+
+
+def test_seqkd_and_gkd_need_prompts() -> None:
+    from core.spec import DatasetInfo, ModelInfo, TensorInfo, complete_spec
+
+    hf = {"task": "causal_lm", "num_layers": 4, "hidden_size": 64, "vocab_size": 512}
+    info = ModelInfo(
+        format="hf", inputs=[], outputs=[TensorInfo(shape=[None, 512], dtype="float32")], hf=hf
+    )
+    text = DatasetInfo(n_samples=100, x_shape=[None, 2, 64], x_dtype="int64", has_labels=False,
+                       text=True)  # fmt: skip
+    for name in ("seqkd", "gkd"):
+        spec = JobSpec.model_validate(
+            {"teacher": {"model_id": "m"}, "dataset_id": "d", "distillation": {"method": name}}
+        )
+        with pytest.raises(InvalidSpec) as err:
+            complete_spec(spec, [info], text)
+        assert err.value.field == "dataset_id" and "prompt" in str(err.value)
+        assert complete_spec(spec, [info], text.model_copy(update={"prompts": True})).task == (
+            "causal_lm"
+        )

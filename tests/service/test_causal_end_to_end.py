@@ -125,6 +125,14 @@ def test_kd_beats_text_alone_and_the_cache_is_shared(
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["details"]["field"] == "distillation.method"
 
+    for method in ("gkd", "seqkd"):  # they complete prompts; this dataset has none
+        spec = _spec(teacher["id"], dataset["id"]) | {"distillation": {"method": method}}
+        refused = http.post("/v1/jobs", json=spec)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["details"]["field"] == "dataset_id"
+        assert "prompt" in refused.json()["error"]["message"]
+    assert http.get("/v1/jobs").json()["data"] == []
+
     r = http.post("/v1/jobs", json=_spec(teacher["id"], dataset["id"]))
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["task"] == "causal_lm"

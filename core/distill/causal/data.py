@@ -50,6 +50,7 @@ class LMData:
     max_length: int
     prompts: list[str] = field(default_factory=list)  # validation prompts for the samples
     has_prompts: bool = False
+    train_prompts: list[str] = field(default_factory=list)  # seqkd and gkd complete these
 
 
 def read_lines(path: Path) -> tuple[list[Line], list[bool]]:
@@ -117,6 +118,7 @@ def load_lm_data(
         max_length=max_length,
         prompts=[p for p in prompts if p],
         has_prompts=any(ln.prompt is not None for ln in lines),
+        train_prompts=[ln.prompt for ln in train if ln.prompt is not None],
     )
 
 

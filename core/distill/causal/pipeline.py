@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import torch
 
 from core.distill.causal import cache as lm_cache
 from core.distill.causal import evaluate
-from core.distill.causal.data import DEFAULT_MAX_LENGTH, LMData, load_lm_data
+from core.distill.causal.data import DEFAULT_MAX_LENGTH, Line, LMData, encode_lines, load_lm_data
 from core.distill.causal.export import export_causal_student
+from core.distill.causal.generate import generations_key, on_policy_rows, teacher_generations
 from core.distill.causal.train import train_student
 from core.distill.hf.models import HFModel, HFTeacher
 from core.distill.types import Artifact, JobOutcome, ModelFile, StopFn
@@ -57,6 +59,7 @@ def run_causal(
         x_dtype="int64",
         has_labels=False,
         text=True,
+        prompts=data.has_prompts,
     )
     spec = complete_spec(spec, [teacher.info], info)
     method = spec.distillation
@@ -65,17 +68,27 @@ def run_causal(
 
     student = _student(spec, teacher, models, data, model_key)
     baseline = copy.deepcopy(student) if training.baseline else None
-    cache, cache_info = _cache(spec, teacher, models, data, work_dir, device, report)
+    teacher_sha = _sha256(models[model_key(spec.teacher_refs()[0])].path)
+    train_rows, on_policy, generations = data.train, None, None
+    if method.method == "seqkd":
+        train_rows, generations = _teacher_rows(
+            method, tmodel, data, teacher_sha, work_dir, device, spec.training.seed, report
+        )
+    if method.method == "gkd":
+        on_policy = _on_policy(method, student, data, device, spec.training.seed)
+    cache, cache_info = None, None
+    if method.method != "seqkd":
+        cache, cache_info = _cache(spec, teacher_sha, tmodel, data, work_dir, device, report)
 
     with_baseline = baseline is not None
     stages = 1 + int(with_baseline)
     report.start("student")
     history = train_student(
         student,
-        data.train,
+        train_rows,
         data.val,
         training=training,
-        method=method,
+        method=None if method.method == "seqkd" else method,
         teacher=tmodel,
         cache=cache,
         device=device,
@@ -83,6 +96,7 @@ def run_causal(
         stage=(1, stages),
         progress=report,
         should_stop=should_stop,
+        on_policy=on_policy,
     )
     report.keep(history)
     if cache_info is not None:
@@ -129,6 +143,8 @@ def run_causal(
     ]
     if cache_info is not None:
         result["logit_cache"] = cache_info
+    if generations is not None:
+        result["generations"] = generations
     artifacts, checks = export_causal_student(
         student,
         list(spec.export),
@@ -175,29 +191,24 @@ def _student(
 
 def _cache(
     spec: JobSpec,
-    teacher: HFTeacher,
-    models: dict[str, ModelFile],
+    teacher_sha: str,
+    teacher: HFModel,
     data: LMData,
     work_dir: Path,
     device: torch.device,
     report: Any,
 ) -> tuple[lm_cache.TopKCache | None, dict[str, Any] | None]:
     """The teacher's top-k cache for the training windows: read when another job built it."""
-    from core.distill.pipeline import model_key
-
     k = spec.training.logit_cache_k
     if k <= 0:
         return None, None
-    teacher_file = models[model_key(spec.teacher_refs()[0])].path
-    key = lm_cache.cache_key(_sha256(teacher_file), data.sha256, data.max_length, k)
+    key = lm_cache.cache_key(teacher_sha, data.sha256, data.max_length, k)
     folder = lm_cache.cache_root(work_dir / "lm-cache") / key
     cache = lm_cache.open_cache(folder)
     hit = cache is not None
     if cache is None:
         report.log(f"teacher logit cache: computing the teacher's top-{k} for {key}")
-        cache = lm_cache.build_cache(
-            folder, teacher.module, data.train.x, k, key=key, device=device
-        )
+        cache = lm_cache.build_cache(folder, teacher, data.train.x, k, key=key, device=device)
     else:
         report.log(f"teacher logit cache: read {key}; the teacher is not run for training")
     info = {
@@ -208,6 +219,49 @@ def _cache(
         "build_seconds": cache.meta["seconds"],
     }
     return cache, info
+
+
+def _teacher_rows(
+    method: Any,
+    teacher: HFModel,
+    data: LMData,
+    teacher_sha: str,
+    work_dir: Path,
+    device: torch.device,
+    seed: int,
+    report: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """``seqkd``: the teacher's completions of the training prompts as the student's rows."""
+    gen = method.generate
+    key = generations_key(teacher_sha, data.sha256, gen, data.max_length)
+    store = lm_cache.cache_root(work_dir / "lm-cache") / key
+    prompts, completions, read = teacher_generations(
+        teacher, data.train_prompts, gen, device, max_length=data.max_length, store=store, seed=seed
+    )
+    verb = "read" if read else "wrote"
+    report.log(f"seqkd: the teacher {verb} {len(completions)} completions ({key})")
+    rows = encode_lines(
+        [Line(prompt=p, completion=c) for p, c in zip(prompts, completions, strict=True)],
+        teacher.tokenizer,
+        data.max_length,
+    )
+    return rows, {"key": key, "read": read, "completions": len(completions)}
+
+
+def _on_policy(
+    method: Any, student: HFModel, data: LMData, device: torch.device, seed: int
+) -> Callable[[int], Any]:
+    """``gkd``: ``n`` of the training prompts, completed by the student as it is now."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = data.train_prompts
+
+    def rows(n: int) -> Any:
+        pick = torch.randint(len(prompts), (n,), generator=generator).tolist()
+        return on_policy_rows(
+            student, [prompts[i] for i in pick], method.generate, device, data.max_length
+        )
+
+    return rows
 
 
 def _sha256(path: Path) -> str:

@@ -27,6 +27,7 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
     "kd": token_kd.loss,
     "reverse_kl": reverse_kl.loss,
     "jsd": jsd.loss,
+    "gkd": jsd.loss,  # on the student's own samples a fraction λ of the time
 }
 
 
@@ -44,10 +45,12 @@ def train_student(
     stage: tuple[int, int],
     progress: ProgressFn,
     should_stop: StopFn,
+    on_policy: Callable[[int], TokenRows] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``student`` in place; the history of its epochs (loss, validation perplexity).
 
-    ``method`` None trains on the next token alone (the baseline).
+    ``method`` None trains on the next token alone (the baseline). ``on_policy(n)`` gives ``n``
+    rows of the student's own completions (``gkd``: a batch is one with probability λ).
     """
     from core.distill.causal.evaluate import perplexity
 
@@ -60,6 +63,7 @@ def train_student(
     total = steps_per_epoch * training.epochs
     generator = torch.Generator().manual_seed(training.seed)
     history: list[dict[str, Any]] = []
+    lmbda = float(getattr(method, "lmbda", 0.0))
     teacher_seconds = 0.0
     started = time.monotonic()
     step = 0
@@ -70,8 +74,14 @@ def train_student(
             if should_stop():
                 raise Cancelled("the job was cancelled")
             rows = order[start : start + batch]
-            xb = data.x[rows].to(device)
-            mask = data.target[rows, 1:].to(device) & xb[:, 1, 1:].bool()
+            xb, target = data.x[rows], data.target[rows]
+            use_cache = cache
+            if on_policy is not None and float(torch.rand((), generator=generator)) < lmbda:
+                own = on_policy(len(rows))
+                xb, target, use_cache = own.x, own.target, None
+                totals["on_policy_fraction"] = totals.get("on_policy_fraction", 0.0) + 1
+            xb = xb.to(device)
+            mask = target[:, 1:].to(device) & xb[:, 1, 1:].bool()
             targets = xb[:, 0, 1:]
             logits = student(xb)[:, :-1]
             if method is None:
@@ -79,7 +89,7 @@ def train_student(
                 parts = {"ce": loss.detach()}
             else:
                 t0 = time.monotonic()
-                tokens = _teacher_tokens(teacher, cache, rows, xb, device)
+                tokens = _teacher_tokens(teacher, use_cache, rows, xb, device)
                 teacher_seconds += time.monotonic() - t0
                 loss, parts = LOSSES[method.method](
                     logits, tokens.shifted(), targets, mask, **_knobs(method)
