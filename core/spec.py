@@ -148,6 +148,8 @@ class MSEMethod(StrictModel):
 
     method: Literal["mse"] = "mse"
     alpha: float = Field(default=1.0, ge=0, le=1, description="weight of MSE vs hard-label loss")
+    # embedders: add cosine_weight · (1 − cos(s, t)) (sentence-embedding distillation)
+    cosine_weight: float = Field(default=0.0, ge=0)
 
 
 class DKDMethod(StrictModel):

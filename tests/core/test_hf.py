@@ -473,3 +473,44 @@ def test_uploaded_hf_student_with_the_teachers_vocabulary(
             models=models, dataset=texts, out_dir=tmp_path / "out2", work_dir=tmp_path / "w2",
         )  # fmt: skip
     assert err.value.field == "student"
+
+
+def test_mse_cosine_term_by_hand() -> None:
+    from torch import nn
+
+    from core.distill.methods import build_method
+
+    method = build_method(
+        {"method": "mse", "cosine_weight": 2.0},
+        student=nn.Identity(),
+        teacher=object(),  # type: ignore[arg-type]
+        task="regression",
+        n_classes=None,
+        epochs=1,
+    )
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    losses = method.compute(s, {}, None, t, {}, 0)
+    # MSE (1 + 1 + 0 + 1) / 4; cosine distances 1 (orthogonal) and 0 (same direction)
+    assert losses["mse"].item() == pytest.approx(0.75)
+    assert losses["cosine"].item() == pytest.approx(0.5)
+    assert losses["loss"].item() == pytest.approx(0.75 + 2 * 0.5)
+
+
+def test_hf_only_fields_refused_for_other_teachers() -> None:
+    onnx = ModelInfo(
+        format="onnx",
+        inputs=[{"shape": [None, 80], "dtype": "int64"}],
+        outputs=[{"shape": [None, 3], "dtype": "float32"}],
+    )
+    base = {"teacher": {"model_id": "m"}, "dataset_id": "d"}
+    cases = [
+        ({**base, "student": {"from_teacher": {"layers": 2}}}, "student.from_teacher"),
+        ({**base, "student": {"hf_config": {"hidden_size": 64}}}, "student.hf_config"),
+        ({**base, "distillation": {"method": "hidden"}}, "distillation.method"),
+        ({**base, "export": ["hf"]}, "export"),
+    ]
+    for body, field in cases:
+        with pytest.raises(InvalidSpec) as err:
+            complete_spec(parse_spec(body), [onnx], _text_data())
+        assert err.value.field == field

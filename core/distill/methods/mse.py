@@ -2,8 +2,11 @@
 the usual objective for regression teachers (e.g. Ba & Caruana 2014, "Do Deep Nets Really Need
 to be Deep?", which matched logits with L2).
 
-    loss = alpha · MSE(s, t) + (1 - alpha) · hard(s, y)
+    loss = alpha · (MSE(s, t) + cosine_weight · mean(1 − cos(s, t))) + (1 - alpha) · hard(s, y)
 
+The cosine term (off by default) matches embeddings' directions, what sentence-embedding
+students are judged on (Reimers & Gurevych 2020, "Making Monolingual Sentence Embeddings
+Multilingual using Knowledge Distillation", arXiv:2004.09813, use the MSE alone).
 ``hard`` is CE on the labeled samples (classification) or MSE to the targets (regression); a
 batch without labels is ``MSE(s, t)``.
 """
@@ -34,6 +37,7 @@ class MSE(DistillMethod):
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
         require_teacher(teacher, "mse")
         self.alpha = spec.alpha
+        self.cosine_weight = spec.cosine_weight
 
     def compute(
         self,
@@ -45,8 +49,15 @@ class MSE(DistillMethod):
         epoch: int,
     ) -> Losses:
         assert teacher_out is not None
-        mse = F.mse_loss(out.float(), teacher_out.float().reshape(out.shape))
+        target = teacher_out.float().reshape(out.shape)
+        mse = F.mse_loss(out.float(), target)
+        parts = {"mse": mse}
+        distill = mse
+        if self.cosine_weight:
+            cosine = (1 - F.cosine_similarity(out.float().flatten(1), target.flatten(1))).mean()
+            parts["cosine"] = cosine
+            distill = mse + self.cosine_weight * cosine
         hard = hard_loss(out, y, self.task)
         if hard is None:
-            return {"loss": mse, "mse": mse}
-        return {"loss": self.alpha * mse + (1 - self.alpha) * hard, "mse": mse, "hard": hard}
+            return {"loss": distill, **parts}
+        return {"loss": self.alpha * distill + (1 - self.alpha) * hard, **parts, "hard": hard}
