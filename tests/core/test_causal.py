@@ -307,3 +307,49 @@ def test_seqkd_and_gkd_need_prompts() -> None:
         assert complete_spec(spec, [info], text.model_copy(update={"prompts": True})).task == (
             "causal_lm"
         )
+
+
+@pytest.mark.slow
+def test_uploaded_student_with_padded_vocabulary_is_aligned_another_is_refused(
+    teacher: Path, tmp_path: Path, texts: list[str]
+) -> None:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from core.distill.hf.archive import extract_hf_archive
+
+    folder = extract_hf_archive(teacher, tmp_path / "t")
+    tok = AutoTokenizer.from_pretrained(folder)
+
+    def student_zip(name: str, tokenizer: Any, vocab: int) -> Path:
+        config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        GPT2LMHeadModel(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return zip_folder(tmp_path / name, tmp_path / f"{name}.zip")
+
+    padded = student_zip("padded", tok, len(tok) + 64)  # rows padded to a multiple of 64
+    other_tok = train_tokenizer(texts[:100], vocab_size=400)
+    other = student_zip("other", other_tok, len(other_tok))
+    data = write_text_jsonl(tmp_path / "data.jsonl", texts[:80], 8)
+    spec = _job(epochs=1).model_dump(exclude_none=True)
+    spec["student"] = {"path": "student"}
+    spec["export"] = ["hf"]
+    outcome = run_job(
+        JobSpec.model_validate(spec),
+        models={"teacher": ModelFile(teacher, "hf"), "student": ModelFile(padded, "hf")},
+        dataset=data,
+        out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+    )
+    assert outcome.result["student"]["perplexity"] < len(tok)  # it learned (random: ~576)
+    with zipfile.ZipFile(tmp_path / "out" / "student_hf.zip") as zf:
+        assert json.loads(zf.read("config.json"))["vocab_size"] == len(tok)  # the padding cut
+    with pytest.raises(InvalidSpec) as err:
+        run_job(
+            JobSpec.model_validate(spec),
+            models={"teacher": ModelFile(teacher, "hf"), "student": ModelFile(other, "hf")},
+            dataset=data,
+            out_dir=tmp_path / "out2",
+            work_dir=tmp_path / "work2",
+        )
+    assert err.value.field == "student"

@@ -305,6 +305,12 @@ def _uploaded(model_file: ModelFile, teacher: HFTeacher, field: str) -> HFModel:
             f"{t_cfg.num_labels} labels",
             field=field,
         )
+    if teacher.module.task == "causal_lm" and student.task != "causal_lm":
+        raise InvalidSpec(
+            "a causal language model's student must be a causal LM too (a …ForCausalLM "
+            "architecture) with the teacher's vocabulary",
+            field=field,
+        )
     student.task = teacher.module.task
     student.model.config._attn_implementation = "eager"
     return student
