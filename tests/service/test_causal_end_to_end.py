@@ -139,6 +139,9 @@ def test_kd_beats_text_alone_and_the_cache_is_shared(
     job = _wait(http, r.json())
     result = job["result"]
     student, baseline, teach = result["student"], result["baseline"], result["teacher"]
+    keys = ("perplexity", "token_agreement", "kl_to_teacher", "parameters", "tokens_per_s")
+    for name, row in (("teacher", teach), ("student", student), ("baseline", baseline)):
+        print(name, {k: row.get(k) for k in keys})  # the figures docs/CAUSAL_LM.md quotes
     assert student["perplexity"] < baseline["perplexity"]
     assert student["token_agreement"] > baseline["token_agreement"]
     assert student["kl_to_teacher"] < baseline["kl_to_teacher"]
