@@ -83,14 +83,17 @@ def train_student(
             xb = xb.to(device)
             mask = target[:, 1:].to(device) & xb[:, 1, 1:].bool()
             targets = xb[:, 0, 1:]
-            logits = student(xb)[:, :-1]
-            if method is None:
+            with _autocast(device):
+                logits = student(xb)[:, :-1]
+                tokens = None
+                if method is not None:
+                    t0 = time.monotonic()
+                    tokens = _teacher_tokens(teacher, use_cache, rows, xb, device)
+                    teacher_seconds += time.monotonic() - t0
+            if method is None or tokens is None:
                 loss = next_token_ce(logits, targets, mask)
                 parts = {"ce": loss.detach()}
-            else:
-                t0 = time.monotonic()
-                tokens = _teacher_tokens(teacher, use_cache, rows, xb, device)
-                teacher_seconds += time.monotonic() - t0
+            else:  # the losses run in float32 (they upcast the logits)
                 loss, parts = LOSSES[method.method](
                     logits, tokens.shifted(), targets, mask, **_knobs(method)
                 )
@@ -139,6 +142,12 @@ def _teacher_tokens(
     assert teacher is not None
     with torch.no_grad():
         return TeacherTokens(logits=teacher(xb).float())
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on GPUs that support it (the forward passes; the losses stay float32)."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _knobs(method: Any) -> dict[str, float]:
