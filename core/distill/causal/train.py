@@ -101,7 +101,7 @@ def train_student(
             loss.backward()
             optimizer.step()
             step += 1
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            totals["train_loss"] = totals.get("train_loss", 0.0) + float(loss.detach())
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         row = {k: round(v / steps_per_epoch, 5) for k, v in totals.items()}

@@ -23,10 +23,15 @@ const ROWS = [
   ["agreement", "Agreement with teacher", fmtPct],
   ["mse", "MSE to teacher", fmtNum],
   ["cosine", "Cosine to teacher", fmtNum],
+  ["perplexity", "Perplexity", fmtNum],
+  ["token_agreement", "Next-token agreement", fmtPct],
+  ["kl_to_teacher", "KL to teacher (per token)", fmtNum],
   ["parameters", "Parameters", fmtNum],
   ["size_bytes", "Size", fmtBytes],
   ["latency_ms_p50", "Latency p50 (ms)", fmtNum],
   ["throughput_per_s", "Throughput (/s)", fmtNum],
+  ["latency_ms_per_token", "Latency per token (ms, greedy)", fmtNum],
+  ["tokens_per_s", "Tokens/s (greedy, batch 1)", fmtNum],
 ];
 
 function resultTable(result) {
@@ -47,6 +52,22 @@ function resultTable(result) {
           columns.map((c) => h("td.num", { dataset: { column: c } }, fmt(result[c][key]))),
         ),
       ),
+    ),
+  );
+}
+
+/** Causal LMs: the teacher's and the student's continuations of validation prompts. */
+function samplesTable(samples) {
+  if (!samples || !samples.length) return h("span", { hidden: true });
+  return h(
+    "table.samples",
+    { id: "samples-table" },
+    h("caption", {}, "Samples (greedy)"),
+    h("thead", {}, h("tr", {}, ["prompt", "teacher", "student"].map((c) => h("th", {}, c)))),
+    h(
+      "tbody",
+      {},
+      samples.map((row) => h("tr", {}, ["prompt", "teacher", "student"].map((c) => h("td", {}, row[c] || "")))),
     ),
   );
 }
@@ -117,7 +138,7 @@ export async function render(view, { signal, params }) {
   };
   const curves = [
     new Curves(loss, ["train_loss", "val_loss"], "Loss"),
-    new Curves(quality, ["val_accuracy", "val_agreement", "val_mse"], "Validation accuracy"),
+    new Curves(quality, ["val_accuracy", "val_agreement", "val_mse", "val_perplexity"], "Validation accuracy"),
   ];
   signal.addEventListener("abort", () => curves.forEach((c) => c.destroy()));
 
@@ -163,7 +184,14 @@ export async function render(view, { signal, params }) {
     if (finished) return;
     finished = true;
     clearTimeout(poll);
-    if (job.result) resultBox.replaceChildren(h("h2", {}, "Result"), resultTable(job.result), summary(job.result));
+    if (job.result) {
+      resultBox.replaceChildren(
+        h("h2", {}, "Result"),
+        resultTable(job.result),
+        samplesTable(job.result.samples),
+        summary(job.result),
+      );
+    }
     else resultBox.hidden = true;
     const artifacts = await api(`/v1/jobs/${jobId}/artifacts`, { signal });
     artifactBox.replaceChildren(
