@@ -69,11 +69,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = tmp / "topics.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = tmp / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": " ".join(texts[:40]), "completion": "x"}) + "\n")
+    pairs = [(t.split()[:6], t.split()[6:30]) for t in seen[:160]]
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": " ".join(p), "completion": " " + " ".join(c)}) + "\n"
+            for p, c in pairs
+        )
+    )
     return {
         "teacher": zip_folder(tmp / "teacher", tmp / "teacher.zip"),
         "other": zip_folder(tmp / "other", tmp / "other.zip"),
         "texts": data,
+        "prompts": prompts,
         "folder": tmp / "teacher",
     }
 
@@ -175,6 +182,19 @@ def test_kd_beats_text_alone_and_the_cache_is_shared(
     messages = [json.dumps(e) for e in events]
     assert any("the teacher is not run" in m for m in messages)
     assert again["result"]["student"]["perplexity"] < 2 * teach["perplexity"]
+
+
+def test_gkd_on_prompt_lines(http: httpx.Client, files: dict[str, Path]) -> None:
+    teacher = _upload(http, "/v1/models", files["teacher"])
+    dataset = _upload(http, "/v1/datasets", files["prompts"])
+    spec = _spec(teacher["id"], dataset["id"]) | {
+        "distillation": {"method": "gkd", "lmbda": 0.5, "generate": {"max_new_tokens": 8}},
+        "export": ["hf"],
+    }
+    spec["training"]["epochs"] = 1
+    job = _wait(http, http.post("/v1/jobs", json=spec).json())
+    assert job["result"]["method"] == "gkd"
+    assert job["result"]["student"]["perplexity"] < 512
 
 
 def _download_all(http: httpx.Client, job_id: str) -> dict[str, bytes]:
