@@ -19,6 +19,9 @@ _ROWS: list[tuple[str, str]] = [
     ("agreement", "agreement with teacher"),
     ("mse", "MSE to teacher"),
     ("cosine", "cosine to teacher"),
+    ("perplexity", "perplexity"),
+    ("token_agreement", "next-token agreement with teacher"),
+    ("kl_to_teacher", "KL to teacher (per token)"),
     ("parameters", "parameters"),
     ("size_bytes", "size"),
     ("latency_ms_p50", "latency p50"),
@@ -26,6 +29,8 @@ _ROWS: list[tuple[str, str]] = [
     ("latency_ms_p50_onnx", "latency p50 (onnxruntime)"),
     ("throughput_per_s", "throughput"),
     ("throughput_per_s_onnx", "throughput (onnxruntime)"),
+    ("latency_ms_per_token", "latency per token (greedy)"),
+    ("tokens_per_s", "tokens/s (greedy, batch 1)"),
 ]
 
 VERDICT_TEXT = {
@@ -50,7 +55,7 @@ def format_metric(key: str, value: Any) -> str:
     """One metric value the way a person reads it."""
     if value is None:
         return "–"
-    if key in ("accuracy", "f1_macro", "agreement"):
+    if key in ("accuracy", "f1_macro", "agreement", "token_agreement"):
         return f"{100 * float(value):.2f} %"
     if key == "parameters":
         return f"{int(value):,}"
@@ -60,6 +65,10 @@ def format_metric(key: str, value: Any) -> str:
         return f"{float(value[0]):.3f}–{float(value[1]):.3f} ms"
     if key.startswith("latency_ms"):
         return f"{float(value):.3f} ms"
+    if key == "latency_ms_per_token":
+        return f"{float(value):.3f} ms"
+    if key == "tokens_per_s":
+        return f"{float(value):,.0f} /s"
     if key.startswith("throughput_per_s"):
         return f"{float(value):,.0f} /s"
     if isinstance(value, float):
@@ -107,6 +116,18 @@ def ratio_phrase(ratio: float | None, smaller: str = "smaller", larger: str = "l
     if ratio >= 1:
         return f"{ratio:.3g}× {smaller}"
     return f"{1 / ratio:.3g}× {larger}"
+
+
+def samples_table(samples: list[dict[str, str]]) -> Table | None:
+    """Causal LMs: the teacher's and the student's continuations of validation prompts."""
+    if not samples:
+        return None
+    table = Table(title="Samples (greedy)", title_justify="left", show_lines=True)
+    for name in ("prompt", "teacher", "student"):
+        table.add_column(name, overflow="fold")
+    for row in samples:
+        table.add_row(row.get("prompt", ""), row.get("teacher", ""), row.get("student", ""))
+    return table
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -158,6 +179,9 @@ def render_result(result: dict[str, Any]) -> Group:
     compression = compression_table(result.get("compression") or [])
     if compression is not None:
         parts.append(compression)
+    samples = samples_table(result.get("samples") or [])
+    if samples is not None:
+        parts.append(samples)
     parts.extend(summary_lines(result))
     warning = warning_line(result)
     if warning is not None:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     job_disk_mb: int = Field(default=20 * 1024, gt=0)
     worker_concurrency: int = Field(default=1, ge=1)  # set by `distill worker --concurrency`
 
+    # Teacher-output caches shared by a tenant's jobs on this worker machine (causal LMs' top-k
+    # logits, sequence-level generations), one folder per tenant. Default: <data_dir>/lm-cache.
+    lm_cache_dir: Path | None = None
     # Optional: every job's per-epoch metrics as TensorBoard scalars under <dir>/<job id>.
     tensorboard_dir: Path | None = None
 
@@ -102,6 +105,10 @@ class Settings(BaseSettings):
     def isolation(self) -> Isolation:
         """How uploaded models are opened on this machine under the ``cage`` setting."""
         return isolation(self.cage)
+
+    @cached_property
+    def teacher_cache_root(self) -> Path:
+        return (self.lm_cache_dir or self.data_dir / "lm-cache").resolve()
 
     @cached_property
     def database(self) -> str:

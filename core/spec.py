@@ -23,7 +23,7 @@ from pydantic import (
 
 from core.errors import InvalidSpec, ShapeMismatch
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "causal_lm"]
 Preset = Literal["mlp", "cnn", "resnet", "transformer"]
 ExportFormat = Literal["torchscript", "onnx", "safetensors", "hf"]
 Quantization = Literal["none", "dynamic_int8", "fp16", "static_int8"]
@@ -249,6 +249,48 @@ class AttentionMethod(_OutputKD):
     attention_weight: float = Field(default=1.0, ge=0)
 
 
+class ReverseKLMethod(_OutputKD):
+    """Reverse KL(student ‖ teacher) per token, mode-seeking (Gu et al. 2024, MiniLLM)."""
+
+    method: Literal["reverse_kl"] = "reverse_kl"
+
+
+class JSDMethod(_OutputKD):
+    """Generalised Jensen–Shannon divergence per token (Agarwal et al. 2024, GKD): β = 0 is
+    forward KL, β = 1 reverse KL."""
+
+    method: Literal["jsd"] = "jsd"
+    beta: float = Field(default=0.5, ge=0, le=1)
+
+
+class GenerateSpec(StrictModel):
+    """How a model writes completions (``seqkd``: the teacher; ``gkd``: the student)."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0, le=10)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    samples: int = Field(default=1, ge=1, le=16)  # seqkd: completions per prompt
+
+
+class SeqKDMethod(StrictModel):
+    """Sequence-level KD (Kim & Rush 2016): the student learns the teacher's completions."""
+
+    method: Literal["seqkd"] = "seqkd"
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+
+class GKDMethod(StrictModel):
+    """On-policy generalised KD (Agarwal et al. 2024): with probability λ a batch is the
+    student's own completions of the prompts, scored per token by the teacher with JSD_β."""
+
+    method: Literal["gkd"] = "gkd"
+    lmbda: float = Field(default=0.5, ge=0, le=1)
+    beta: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    alpha: float = Field(default=1.0, ge=0, le=1)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
@@ -267,10 +309,25 @@ class RKDMethod(_OutputKD):
 
 
 DistillationSpec = Annotated[
-    KDMethod | MSEMethod | DKDMethod | FitNetMethod | AttentionMethod | RKDMethod | HiddenMethod,
+    KDMethod
+    | MSEMethod
+    | DKDMethod
+    | FitNetMethod
+    | AttentionMethod
+    | RKDMethod
+    | HiddenMethod
+    | ReverseKLMethod
+    | JSDMethod
+    | SeqKDMethod
+    | GKDMethod,
     Field(discriminator="method"),
 ]
-METHODS = ("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden")
+METHODS = (
+    *("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden"),
+    *("reverse_kl", "jsd", "seqkd", "gkd"),
+)
+CAUSAL_METHODS = ("kd", "reverse_kl", "jsd", "seqkd", "gkd")  # methods of causal LMs
+PROMPT_METHODS = ("seqkd", "gkd")  # they need prompts to complete
 FEATURE_METHODS = (
     "fitnet",
     "attention",
@@ -309,6 +366,8 @@ class TrainingSpec(StrictModel):
     max_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60)
     cache_teacher_outputs: bool = True
     max_length: int = Field(default=128, ge=2, le=8192)  # hf teachers: tokens per text
+    # causal LMs: the teacher's top-k logits per token cached once per pair (0: full logits live)
+    logit_cache_k: int = Field(default=64, ge=0, le=1024)
     baseline: bool = True  # also train the student on labels alone, when labels exist
     tune: TuneSpec | None = None
 
@@ -495,6 +554,7 @@ class DatasetInfo(StrictModel):
     n_val: int | None = None  # samples in a given validation split
     text: bool = False  # a .jsonl of texts (an hf teacher tokenises them itself)
     class_names: list[str] | None = None  # label names, when the labels were given as names
+    prompts: bool = False  # a .jsonl with {"prompt"} lines (causal LMs: seqkd, gkd)
 
 
 def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> JobSpec:
@@ -537,13 +597,15 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
         else int(dataset.n_samples * (1 - spec.training.val_fraction))
     )
     training = _complete_training(spec.training, max(n_train, 1))
-    if training.batch_size > max(n_train, 1):
+    if task != "causal_lm" and training.batch_size > max(n_train, 1):
         raise InvalidSpec(
             f"batch_size {training.batch_size} is larger than the {n_train} training "
             "samples; use a smaller batch_size",
             field="training.batch_size",
         )
     default_method: Any = KDMethod() if task == "classification" else MSEMethod()
+    if task == "causal_lm":
+        default_method = KDMethod(temperature=1.0, alpha=0.5)
     distillation = _tunable(
         spec.distillation or default_method, spec.training.tune, spec.distillation is None
     )
@@ -716,6 +778,12 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                         field=f"{where}.{key}",
                     )
         method = spec.distillation.method if spec.distillation else None
+        if method in ("reverse_kl", "jsd", "seqkd", "gkd"):
+            raise InvalidSpec(
+                f"method '{method}' is a per-token loss of causal language models; this teacher "
+                "is not one: use 'kd'",
+                field="distillation.method",
+            )
         if method == "hidden":
             raise InvalidSpec(
                 "method 'hidden' maps a Hugging Face teacher's hidden states; for other "
@@ -730,11 +798,19 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
         return
     hf = first.hf
     if hf.get("task") == "causal_lm":
-        raise InvalidSpec(
-            "causal language models cannot be distilled yet; upload a sequence classifier or an "
-            "encoder (feature extraction)",
-            field="teacher",
-        )
+        method = spec.distillation.method if spec.distillation else "kd"
+        if method not in CAUSAL_METHODS:
+            raise InvalidSpec(
+                f"method '{method}' is not available for a causal language model; use one of "
+                f"{', '.join(CAUSAL_METHODS)}",
+                field="distillation.method",
+            )
+        if method in PROMPT_METHODS and not dataset.prompts:
+            raise InvalidSpec(
+                f"method '{method}' completes prompts, and the dataset has none; upload a "
+                '.jsonl with {"prompt": ...} lines (a completion is optional)',
+                field=dataset_field,
+            )
     if len(teachers) > 1:
         raise InvalidSpec(
             "an ensemble of Hugging Face teachers is not supported; give one teacher",
@@ -882,6 +958,8 @@ def _check_input(info: ModelInfo, dataset: DatasetInfo, field: str) -> None:
 
 def _infer_task(teacher: ModelInfo, dataset: DatasetInfo) -> Task:
     if teacher.hf is not None:
+        if teacher.hf.get("task") == "causal_lm":
+            return "causal_lm"
         return (
             "classification"
             if teacher.hf.get("task") == "sequence_classification"

@@ -38,6 +38,9 @@ class JobPayload:
     caged: bool
     max_seconds: float
     tensorboard_dir: str | None = None
+    # This tenant's teacher-output cache on this machine, shared by its jobs (not counted as
+    # the job's own writing).
+    cache_dir: str | None = None
 
     @property
     def inputs_dir(self) -> Path:

@@ -79,6 +79,7 @@ STOP_GRACE_SECONDS = 1.5  # after asking the child to stop, before SIGTERM
 KILL_GRACE_SECONDS = 1.0  # after SIGTERM, before SIGKILL
 EXIT_GRACE_SECONDS = 10.0  # after the child closed its pipe, before SIGKILL
 TIMEOUT_SLACK_SECONDS = 5.0  # the engine enforces max_minutes itself; this is the backstop
+TEACHER_CACHE_ENV = "DISTILL_LM_CACHE_DIR"  # read by core/distill/causal/cache.py
 MAX_MESSAGE_BYTES = 32 * 2**20  # one message of the job process (its outcome is the largest)
 _ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `worker` package
 
@@ -130,6 +131,8 @@ def run_claimed_job(
                 raise InvalidSpec(f"job {job_id} does not exist", field="job_id")
             payload = _prepare(session, job, storage, work, engine, settings.isolation)
             attempt = job.attempt
+            # One tenant's jobs share their teacher caches; another tenant's are out of reach.
+            payload.cache_dir = str(settings.teacher_cache_root / job.tenant_id)
         if settings.tensorboard_dir is not None:
             payload.tensorboard_dir = str((settings.tensorboard_dir / job_id).resolve())
         restore_checkpoints(storage, job_id, Path(payload.work_dir))
@@ -292,22 +295,27 @@ def _start_child(payload: JobPayload, isolation: Isolation) -> subprocess.Popen[
     """Start the job process, caged when the worker has a cage, and hand it its payload."""
     argv = [sys.executable, "-m", "worker.child"]
     env: dict[str, str] | None = None
-    for folder in payload.written_folders():
+    cache_env = {TEACHER_CACHE_ENV: payload.cache_dir} if payload.cache_dir else {}
+    shared = [Path(payload.cache_dir)] if payload.cache_dir else []
+    for folder in [*payload.written_folders(), *shared]:
         folder.mkdir(parents=True, exist_ok=True)
     if isolation.caged:
         for folder in payload.written_folders():
             cage.share_writable(folder)
         for path in payload.inputs_dir.iterdir():
             cage.share_read_only(path)
+        for folder in shared:
+            cage.share_writable(folder)
         argv = cage.command(
             argv,
             scratch=Path(payload.scratch),
             read_only=[payload.inputs_dir],
-            writable=[f for f in payload.written_folders() if f != Path(payload.scratch)],
+            writable=[f for f in payload.written_folders() if f != Path(payload.scratch)] + shared,
+            env=cache_env,
             code_packages=tuple(dict.fromkeys((*cage.PROJECT_PACKAGES, payload.engine_package))),
         )
     else:
-        env = dict(os.environ)
+        env = dict(os.environ) | cache_env
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         argv,

@@ -93,7 +93,19 @@ def load_transfer_set(
     arrays = readers[fmt](path, options)
     ts = _to_transfer_set(arrays, val_fraction, seed)
     ts.text = fmt == "jsonl"
+    ts.prompts = ts.text and _has_prompts(path)
     return ts
+
+
+def _has_prompts(path: Path) -> bool:
+    """Whether a .jsonl has a {"prompt": ...} line (causal LMs' seqkd and gkd need one)."""
+    with path.open("rb") as fh:
+        for raw in fh:
+            if b'"prompt"' in raw:
+                row = json.loads(raw)
+                if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                    return True
+    return False
 
 
 def dataset_info(ts: TransferSet, n_samples: int | None = None) -> DatasetInfo:
@@ -112,6 +124,7 @@ def dataset_info(ts: TransferSet, n_samples: int | None = None) -> DatasetInfo:
         y_shape=y_shape,
         n_val=len(ts.x_val) or None,
         text=ts.text,
+        prompts=ts.prompts,
         class_names=ts.class_names,
     )
 
@@ -202,6 +215,9 @@ def _read_jsonl(path: Path, options: dict[str, Any]) -> _Arrays:
                 row = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DatasetInvalid(f"line {lineno} is not JSON ({exc})") from None
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                # a causal LM's prompt (and completion): the text is the two together
+                row = {"text": row["prompt"] + str(row.get("completion") or "")}
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DatasetInvalid(
                     f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'

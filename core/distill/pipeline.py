@@ -215,6 +215,20 @@ def _run(
     torch.manual_seed(training.seed)
 
     hf_teacher = _hf_teacher(spec, models, device)
+    if hf_teacher is not None and hf_teacher.hf["task"] == "causal_lm":
+        from core.distill.causal.pipeline import run_causal
+
+        return run_causal(
+            spec,
+            teacher=hf_teacher,
+            models=models,
+            dataset=dataset,
+            staging=staging,
+            work_dir=work_dir,
+            report=report,
+            should_stop=should_stop,
+            device=device,
+        )
     if hf_teacher is not None:
         from core.distill.hf.text import load_text_transfer_set
 

@@ -34,6 +34,7 @@ class TransferSet:
     n_classes: int | None = None
     class_names: list[str] | None = None
     text: bool = False  # read from .jsonl text
+    prompts: bool = False  # the .jsonl has {"prompt"} lines
 
     @property
     def has_labels(self) -> bool:

@@ -78,7 +78,8 @@ def _assert_nothing_reached(found: dict, target: Path) -> None:
     env_text = json.dumps(found["env"])
     for name, value in SECRETS.items():
         assert name not in found["env"] and value not in env_text
-    assert not any(name.startswith("DISTILL_") for name in found["env"])
+    # Only the path of its own tenant's teacher cache, if anything.
+    assert set(n for n in found["env"] if n.startswith("DISTILL_")) <= {"DISTILL_LM_CACHE_DIR"}
     assert len(found["processes"]) <= 3  # its own and bubblewrap's, nothing of the host
 
 
@@ -103,7 +104,10 @@ def test_a_job_process_reaches_no_file_socket_or_secret(
 ) -> None:
     env = Env(tmp_path)
     targets, _, target = _targets(tmp_path)
-    targets["read"] += [str(tmp_path / "distill.db"), str(tmp_path / "blobs")]
+    other_tenant = tmp_path / "data" / "lm-cache" / "ten_other" / "cache.bin"
+    other_tenant.parent.mkdir(parents=True)
+    other_tenant.write_bytes(b"another tenant's teacher logits")
+    targets["read"] += [str(tmp_path / "distill.db"), str(tmp_path / "blobs"), str(other_tenant)]
     targets["write"] += [str(tmp_path / "distill.db")]
     database_before = (tmp_path / "distill.db").read_bytes()
     job_id = env.submit("probe")
@@ -129,6 +133,10 @@ def test_a_job_process_reaches_no_file_socket_or_secret(
     found = env.job(job_id).result
     _assert_nothing_reached(found, target)
     assert found["inputs_writable"] is False
+    # Its own tenant's teacher cache is there and writable; another tenant's is not (above).
+    own = Path(found["env"]["DISTILL_LM_CACHE_DIR"])
+    assert own.parent == (tmp_path / "data" / "lm-cache").resolve()
+    assert own.name == env.job(job_id).tenant_id
     assert MARKER not in (tmp_path / "distill.db").read_bytes()
     assert len((tmp_path / "distill.db").read_bytes()) >= len(database_before) // 2
 

@@ -128,7 +128,8 @@ def export_hf_onnx(student: HFModel, path: Path, x: Tensor, reference: Tensor) -
     from core.distill.export import QUANTIZED_RTOL, _onnx_quantize_dynamic
 
     model, mode = _float_form(student)
-    output = "logits" if student.task == "sequence_classification" else "embeddings"
+    output = "embeddings" if student.task == "feature_extraction" else "logits"
+    out_axes = {0: "batch", 1: "sequence"} if student.task == "causal_lm" else {0: "batch"}
     tmp = path.with_name(path.name + ".tmp.onnx")
     float_tmp = path.with_name(path.name + ".float.onnx")
     try:
@@ -145,7 +146,7 @@ def export_hf_onnx(student: HFModel, path: Path, x: Tensor, reference: Tensor) -
                 dynamic_axes={
                     "input_ids": {0: "batch", 1: "sequence"},
                     "attention_mask": {0: "batch", 1: "sequence"},
-                    output: {0: "batch"},
+                    output: out_axes,
                 },
                 do_constant_folding=True,
             )

@@ -81,11 +81,11 @@ class HFModel(nn.Module):
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
-            output_hidden_states=hidden or self.task != "sequence_classification",
+            output_hidden_states=hidden or self.task == "feature_extraction",
             output_attentions=attentions,
         )
-        if self.task == "sequence_classification":
-            y = out.logits
+        if self.task in ("sequence_classification", "causal_lm"):
+            y = out.logits  # causal LMs: (N, L, vocab), the next-token logits at every position
         else:
             y = mean_pool(out.hidden_states[-1], mask)
         feats: dict[str, Tensor] = {}
@@ -97,12 +97,14 @@ class HFModel(nn.Module):
 
 
 def model_class(config: Any, task: str) -> Any:
-    """The auto class to instantiate: the family's sequence classifier, or its base model (the
-    encoder without a head) for feature extraction."""
+    """The auto class to instantiate: the family's sequence classifier or causal LM, or its
+    base model (the encoder without a head) for feature extraction."""
     import transformers
 
     if task == "sequence_classification":
         return transformers.AutoModelForSequenceClassification
+    if task == "causal_lm":
+        return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 

@@ -33,7 +33,7 @@ from core.errors import InvalidSpec
 from core.spec import FromTeacher, StudentSpec
 
 IMPORTANCE_SAMPLES = 256  # rows of the transfer set that rank channels and heads
-_LAYER = re.compile(r"\.(layers?)\.(\d+)\.")
+_LAYER = re.compile(r"\.(layers?|h)\.(\d+)\.")  # BERT/Llama ``layer(s).i``, GPT-2 ``h.i``
 
 
 def build_hf_student(
@@ -303,6 +303,12 @@ def _uploaded(model_file: ModelFile, teacher: HFTeacher, field: str) -> HFModel:
         raise InvalidSpec(
             f"the student must be a sequence classifier with the teacher's "
             f"{t_cfg.num_labels} labels",
+            field=field,
+        )
+    if teacher.module.task == "causal_lm" and student.task != "causal_lm":
+        raise InvalidSpec(
+            "a causal language model's student must be a causal LM too (a …ForCausalLM "
+            "architecture) with the teacher's vocabulary",
             field=field,
         )
     student.task = teacher.module.task

@@ -24,6 +24,9 @@ const ROWS = [
   ["agreement", "Agreement with teacher", fmtPct],
   ["mse", "MSE to teacher", fmtNum],
   ["cosine", "Cosine to teacher", fmtNum],
+  ["perplexity", "Perplexity", fmtNum],
+  ["token_agreement", "Next-token agreement", fmtPct],
+  ["kl_to_teacher", "KL to teacher (per token)", fmtNum],
   ["parameters", "Parameters", fmtNum],
   ["size_bytes", "Size", fmtBytes],
   ["latency_ms_p50", "Latency p50 (ms)", fmtNum],
@@ -31,6 +34,8 @@ const ROWS = [
   ["latency_ms_p50_onnx", "Latency p50, onnxruntime (ms)", fmtNum],
   ["throughput_per_s", "Throughput (/s)", fmtNum],
   ["throughput_per_s_onnx", "Throughput, onnxruntime (/s)", fmtNum],
+  ["latency_ms_per_token", "Latency per token (ms, greedy)", fmtNum],
+  ["tokens_per_s", "Tokens/s (greedy, batch 1)", fmtNum],
 ];
 const VERDICTS = {
   distillation_helped: "Distillation helped: the student beats the labels-only baseline.",
@@ -61,6 +66,22 @@ function resultTable(result) {
           columns.map((c) => h("td.num", { dataset: { column: c } }, fmt(result[c][key]))),
         ),
       ),
+    ),
+  );
+}
+
+/** Causal LMs: the teacher's and the student's continuations of validation prompts. */
+function samplesTable(samples) {
+  if (!samples || !samples.length) return h("span", { hidden: true });
+  return h(
+    "table.samples",
+    { id: "samples-table" },
+    h("caption", {}, "Samples (greedy)"),
+    h("thead", {}, h("tr", {}, ["prompt", "teacher", "student"].map((c) => h("th", {}, c)))),
+    h(
+      "tbody",
+      {},
+      samples.map((row) => h("tr", {}, ["prompt", "teacher", "student"].map((c) => h("td", {}, row[c] || "")))),
     ),
   );
 }
@@ -174,7 +195,7 @@ export async function render(view, { signal, params }) {
   };
   const curves = [
     new Curves(loss, ["train_loss", "val_loss"], "Loss", { log: true }),
-    new Curves(quality, ["val_accuracy", "val_agreement", "val_mse"], "Validation accuracy"),
+    new Curves(quality, ["val_accuracy", "val_agreement", "val_mse", "val_perplexity"], "Validation accuracy"),
   ];
   signal.addEventListener("abort", () => curves.forEach((c) => c.destroy()));
 
@@ -225,6 +246,7 @@ export async function render(view, { signal, params }) {
         h("h2", {}, "Result"),
         verdictBox(job.result),
         resultTable(job.result),
+        samplesTable(job.result.samples),
         summary(job.result),
         compressionTable(job.result.compression),
       ];

@@ -1,0 +1,54 @@
+"""``jsd``: the generalised Jensen–Shannon divergence of GKD (Agarwal et al. 2024,
+arXiv:2306.13649), per token, as TRL's ``GKDTrainer`` computes it.
+
+    M = β·p + (1 − β)·q
+    JSD_β = β · KL(p ‖ M) + (1 − β) · KL(q ‖ M)      (β = 0: KL(p ‖ q), β = 1: KL(q ‖ p))
+    L = α · T² · mean_t JSD_β + (1 − α) · mean_t −log q(x_t|x<t)
+
+p the teacher's, q the student's next-token distribution at temperature T. The end points are
+taken as the forward and reverse KL, as TRL does (the mixture alone would vanish there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from core.distill.methods.token_losses import (
+    TeacherTokens,
+    forward_kl,
+    masked_mean,
+    mixed,
+    next_token_ce,
+    paired_log_probs,
+    reverse_kl,
+)
+
+
+def divergence(s_logp: Tensor, t_logp: Tensor, beta: float) -> Tensor:
+    """JSD_β per position from the two log-probability vectors."""
+    if beta <= 0:
+        return forward_kl(s_logp, t_logp)
+    if beta >= 1:
+        return reverse_kl(s_logp, t_logp)
+    m = torch.logsumexp(torch.stack([t_logp + math.log(beta), s_logp + math.log(1 - beta)]), 0)
+    return beta * forward_kl(m, t_logp) + (1 - beta) * forward_kl(m, s_logp)
+
+
+def loss(
+    student_logits: Tensor,
+    teacher: TeacherTokens,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    beta: float = 0.5,
+    **_: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    s, t = paired_log_probs(student_logits, teacher, temperature)
+    jsd = masked_mean(divergence(s, t, beta), mask)
+    ce = next_token_ce(student_logits, targets, mask)
+    return mixed(jsd, ce, alpha, temperature), {"kl": jsd.detach(), "ce": ce.detach()}

@@ -1,0 +1,100 @@
+"""Shared pieces of the per-token losses of causal language models (``kd``, ``reverse_kl``,
+``jsd``): the teacher's next-token distribution, from full logits or from a top-k cache, and the
+student's on the same support.
+
+From a top-``k`` cache the support is ``k + 1`` buckets: the teacher's ``k`` most likely tokens
+and one bucket for the rest of the vocabulary. The rest's mass is exact at temperature 1
+(``1 - Σ top-k``); at another temperature the rest is taken as spread evenly over the other
+``V - k`` tokens, which gives its mass at ``T`` (exact when ``T = 1`` or the rest is flat).
+A divergence over these buckets is never more than over the whole vocabulary (the buckets
+merge tokens): what it misses is the divergence inside the rest, small when the top-k holds
+most of the teacher's mass (tests/core/test_causal_losses.py and test_causal.py state it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TINY = 1e-10  # floor of a bucket's probability (a top-k covering the vocabulary leaves 0)
+
+
+@dataclass
+class TeacherTokens:
+    """The teacher's next-token distribution at every position of a batch.
+
+    Either ``logits`` (B, L, V), or a top-k: ``values`` (B, L, k) logits, ``indices`` (B, L, k)
+    token ids, ``lse`` (B, L) the logsumexp of the full logits (temperature 1).
+    """
+
+    logits: Tensor | None = None
+    values: Tensor | None = None
+    indices: Tensor | None = None
+    lse: Tensor | None = None
+
+    def shifted(self) -> TeacherTokens:
+        """Without the last position (it predicts past the window)."""
+        cut = lambda t: None if t is None else t[:, :-1]  # noqa: E731
+        return TeacherTokens(cut(self.logits), cut(self.values), cut(self.indices), cut(self.lse))
+
+
+def paired_log_probs(
+    student_logits: Tensor, teacher: TeacherTokens, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities at ``temperature`` on a common support (..., S)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher.logits is not None:
+        return s, F.log_softmax(teacher.logits.float() / temperature, dim=-1)
+    assert teacher.values is not None and teacher.indices is not None and teacher.lse is not None
+    vocab = student_logits.shape[-1]
+    z = teacher.values.float()
+    lse = teacher.lse.float().unsqueeze(-1)
+    k = z.shape[-1]
+    rest_log_mass = _log1mexp(torch.logsumexp(z - lse, -1, keepdim=True))
+    others = max(vocab - k, 1)
+    rest_logit = lse + rest_log_mass - math.log(others)  # each other token's logit
+    top_t = z / temperature
+    rest_t = rest_logit / temperature + math.log(others)
+    lse_t = torch.logsumexp(torch.cat([top_t, rest_t], -1), -1, keepdim=True)
+    t = torch.cat([top_t, rest_t], -1) - lse_t
+    s_top = s.gather(-1, teacher.indices.long())
+    s_rest = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))
+    return torch.cat([s_top, s_rest], -1), t
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x ≤ 0, floored at log(TINY)."""
+    return torch.log((-torch.expm1(x.clamp(max=0))).clamp_min(TINY))
+
+
+def forward_kl(s_logp: Tensor, t_logp: Tensor) -> Tensor:
+    """KL(teacher ‖ student) per position: Σ p_t (log p_t − log p_s)."""
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def reverse_kl(s_logp: Tensor, t_logp: Tensor) -> Tensor:
+    """KL(student ‖ teacher) per position: Σ p_s (log p_s − log p_t)."""
+    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean over the positions the mask keeps (padding and prompt tokens dropped)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def next_token_ce(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy of the next token, averaged over the kept positions."""
+    ce = F.cross_entropy(
+        student_logits.float().flatten(0, -2), targets.flatten(), reduction="none"
+    ).view(targets.shape)
+    return masked_mean(ce, mask)
+
+
+def mixed(divergence: Tensor, ce: Tensor, alpha: float, temperature: float) -> Tensor:
+    """α·T²·divergence + (1 − α)·CE (T² keeps the gradients' scale as T changes, Hinton 2015)."""
+    return alpha * temperature**2 * divergence + (1 - alpha) * ce
