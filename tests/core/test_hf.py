@@ -250,7 +250,7 @@ def test_from_teacher_starts_closer_than_random(tmp_path: Path, tokenizer: Any) 
     # A 4-layer teacher, so that a student with fewer layers still keeps most of its stack
     # (on the 2-layer teacher, 1 copied layer without the first is no closer than random).
     folder = tiny_bert(tmp_path / "deep", tokenizer=tokenizer, layers=4)
-    assert train_classifier(folder) > 0.8
+    assert train_classifier(folder, epochs=5) > 0.75  # the largest section is 59%
     teacher = _teacher(zip_folder(folder, tmp_path / "deep.zip"))
     x = _x(teacher, 128)
 
