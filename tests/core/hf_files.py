@@ -1,7 +1,7 @@
 """Tiny Hugging Face models and text for tests: built from a config, no downloads.
 
-The tokenizer is a WordPiece vocabulary trained here with ``tokenizers`` on the paragraphs of
-``pydoc_data.topics`` (the language reference's text that ships with Python).
+The tokenizer is a WordPiece vocabulary written here from the words of ``pydoc_data.topics``
+(the language reference's text that ships with Python), the same in every process.
 """
 
 from __future__ import annotations
@@ -36,21 +36,39 @@ def paragraphs(min_words: int = 6, max_words: int = 60) -> list[tuple[str, str]]
     return out
 
 
-def train_tokenizer(vocab_size: int = 800):
-    """A BERT-style WordPiece tokenizer (PreTrainedTokenizerFast) trained on the topics."""
-    import pydoc_data.topics as topics
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+def topic_vocab(vocab_size: int = 800) -> list[str]:
+    """A WordPiece vocabulary of the topics, the same in every process: the special tokens,
+    every character (alone and as a ``##`` continuation), then the most frequent words, ties
+    broken alphabetically. (``tokenizers``' WordPieceTrainer breaks ties by hash-map order,
+    which changes from one process to the next and with it every token id.)"""
+    import pydoc_data.topics as topics
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in topics.topics.values():
+        counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    return vocab + words[: max(0, vocab_size - len(vocab))]
+
+
+def train_tokenizer(vocab_size: int = 800):
+    """A BERT-style WordPiece tokenizer (PreTrainedTokenizerFast) of the topics' vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = {token: i for i, token in enumerate(topic_vocab(vocab_size))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        list(topics.topics.values()),
-        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials),
-    )
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
