@@ -28,6 +28,7 @@ from client.resource_cmds import (
     err,
     errors,
     fail,
+    fetch_page,
     out,
     print_json,
     read_spec,
@@ -206,11 +207,7 @@ def searches_list(
 ) -> None:
     """List your searches, newest first."""
     with errors(), connect(url, api_key) as client:
-        if all_:
-            items, more = list(client.searches.iter()), False
-        else:
-            page = client.searches.list(limit=limit, after=after)
-            items, more = page.data, page.has_more
+        items, more = fetch_page(client.searches, limit=limit, after=after, all_=all_)
     emit_page(items, more, search_table(items), as_json)
 
 
