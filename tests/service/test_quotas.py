@@ -59,8 +59,10 @@ OVER_BUDGET = {
         + "]",
         "parameters",
     ),
-    "transformer 8192 x 64 layers": (
-        '"student": {"preset": "transformer", "width": 8192, "depth": 64, "heads": 64}',
+    # (A transformer of that size on these images is refused earlier, as the wrong preset for
+    # the data: tests/core/test_budget.py estimates it on token sequences.)
+    "cnn 4096 x 64 layers": (
+        '"student": {"preset": "cnn", "width": 4096, "depth": 64}',
         "parameters",
     ),
     "10,000 epochs at batch 1 for a week": (
