@@ -172,12 +172,16 @@ def test_make_serve_takes_the_port_and_host_from_the_command_line(tmp_path: Path
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / ".installed").touch()  # newer than pyproject.toml: no install step
+    # Run as from a shell: under `make test` the parent make's variables would make this one
+    # announce the directories it enters.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     run = subprocess.run(
-        ["make", "-n", "serve", "PORT=8010", f"VENV={venv}"],
+        ["make", "--no-print-directory", "-n", "serve", "PORT=8010", f"VENV={venv}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     assert run.stdout.strip().splitlines() == [
         f"{venv}/bin/distill serve --host 127.0.0.1 --port 8010"
