@@ -21,7 +21,7 @@ _ROWS: list[tuple[str, str]] = [
     ("cosine", "cosine to teacher"),
     ("perplexity", "perplexity"),
     ("token_agreement", "next-token agreement with teacher"),
-    ("kl_to_teacher", "KL to teacher (per token)"),
+    ("kl_to_teacher", "KL to teacher"),
     ("parameters", "parameters"),
     ("size_bytes", "size"),
     ("latency_ms_p50", "latency p50"),

@@ -26,7 +26,7 @@ const ROWS = [
   ["cosine", "Cosine to teacher", fmtNum],
   ["perplexity", "Perplexity", fmtNum],
   ["token_agreement", "Next-token agreement", fmtPct],
-  ["kl_to_teacher", "KL to teacher (per token)", fmtNum],
+  ["kl_to_teacher", "KL to teacher", fmtNum],
   ["parameters", "Parameters", fmtNum],
   ["size_bytes", "Size", fmtBytes],
   ["latency_ms_p50", "Latency p50 (ms)", fmtNum],
