@@ -18,11 +18,8 @@ from torch import Tensor
 
 from core.distill.methods.token_losses import (
     TeacherTokens,
+    divergence_and_ce,
     forward_kl,
-    masked_mean,
-    mixed,
-    next_token_ce,
-    paired_log_probs,
     reverse_kl,
 )
 
@@ -48,7 +45,12 @@ def loss(
     beta: float = 0.5,
     **_: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    s, t = paired_log_probs(student_logits, teacher, temperature)
-    jsd = masked_mean(divergence(s, t, beta), mask)
-    ce = next_token_ce(student_logits, targets, mask)
-    return mixed(jsd, ce, alpha, temperature), {"kl": jsd.detach(), "ce": ce.detach()}
+    return divergence_and_ce(
+        lambda s, t: divergence(s, t, beta),
+        student_logits,
+        teacher,
+        targets,
+        mask,
+        temperature=temperature,
+        alpha=alpha,
+    )

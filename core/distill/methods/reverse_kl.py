@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.distill.methods.token_losses import (
-    TeacherTokens,
-    masked_mean,
-    mixed,
-    next_token_ce,
-    paired_log_probs,
-    reverse_kl,
-)
+from core.distill.methods.token_losses import TeacherTokens, divergence_and_ce, reverse_kl
 
 
 def loss(
@@ -31,7 +24,6 @@ def loss(
     alpha: float,
     **_: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    s, t = paired_log_probs(student_logits, teacher, temperature)
-    kl = masked_mean(reverse_kl(s, t), mask)
-    ce = next_token_ce(student_logits, targets, mask)
-    return mixed(kl, ce, alpha, temperature), {"kl": kl.detach(), "ce": ce.detach()}
+    return divergence_and_ce(
+        reverse_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
+    )

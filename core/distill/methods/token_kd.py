@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.distill.methods.token_losses import (
-    TeacherTokens,
-    forward_kl,
-    masked_mean,
-    mixed,
-    next_token_ce,
-    paired_log_probs,
-)
+from core.distill.methods.token_losses import TeacherTokens, divergence_and_ce, forward_kl
 
 
 def loss(
@@ -32,7 +25,6 @@ def loss(
     **_: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss and its parts (``kl``, ``ce``) for aligned (already shifted) positions."""
-    s, t = paired_log_probs(student_logits, teacher, temperature)
-    kl = masked_mean(forward_kl(s, t), mask)
-    ce = next_token_ce(student_logits, targets, mask)
-    return mixed(kl, ce, alpha, temperature), {"kl": kl.detach(), "ce": ce.detach()}
+    return divergence_and_ce(
+        forward_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
+    )

@@ -14,6 +14,7 @@ most of the teacher's mass (tests/core/test_causal_losses.py and test_causal.py 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +99,21 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tens
 def mixed(divergence: Tensor, ce: Tensor, alpha: float, temperature: float) -> Tensor:
     """α·T²·divergence + (1 − α)·CE (T² keeps the gradients' scale as T changes, Hinton 2015)."""
     return alpha * temperature**2 * divergence + (1 - alpha) * ce
+
+
+def divergence_and_ce(
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    student_logits: Tensor,
+    teacher: TeacherTokens,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A per-token loss: ``divergence(student, teacher)`` of the log-probabilities at T, mixed
+    with next-token CE by α; the loss and its parts (``kl``, ``ce``) at aligned positions."""
+    s, t = paired_log_probs(student_logits, teacher, temperature)
+    kl = masked_mean(divergence(s, t), mask)
+    ce = next_token_ce(student_logits, targets, mask)
+    return mixed(kl, ce, alpha, temperature), {"kl": kl.detach(), "ce": ce.detach()}
