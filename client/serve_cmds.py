@@ -80,7 +80,8 @@ def _create_broker_tables(url: str) -> None:
         from kombu import Connection
 
         with Connection(url) as conn:
-            conn.default_channel  # noqa: B018 - opening the channel creates the tables
+            # The channel creates its tables when it first opens its session, not before.
+            conn.default_channel.session  # noqa: B018
 
 
 @app.command()

@@ -105,3 +105,19 @@ def test_a_port_in_use_is_reported_before_anything_starts(tmp_path: Path) -> Non
     assert f"cannot listen on 127.0.0.1:{port}" in out and "--port" in out, out
     assert "distill is running" not in out and "exited with code" not in out, out
     assert not (tmp_path / "data").exists()  # nothing was set up
+
+
+def test_serve_creates_the_broker_tables_before_starting_the_worker_and_reconciler(
+    tmp_path: Path,
+) -> None:
+    # Both children open the embedded broker at once on a fresh data dir; if the tables were
+    # not there yet, both would create them and one would log a lost broker connection.
+    import sqlite3
+
+    from client.serve_cmds import _create_broker_tables
+
+    broker = tmp_path / "broker.db"
+    _create_broker_tables(f"sqla+sqlite:///{broker}")
+    with sqlite3.connect(broker) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"kombu_queue", "kombu_message"} <= tables
