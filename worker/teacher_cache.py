@@ -142,7 +142,13 @@ def _fetch_folder(
     try:
         for file in (*TOPK_FILES, META):
             _download(storage, f"{prefix}{name}/{file}", work / file, keep_alive)
-        work.rename(local / name)  # refused when a job of this machine built it meanwhile
+        try:
+            work.rename(local / name)
+        except OSError:
+            if not os.path.lexists(local / name):
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+            return False  # another job of this machine brought or built it meanwhile
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -156,6 +162,8 @@ def _fetch_file(storage: Storage, key: str, dest: Path, keep_alive: KeepAlive | 
     try:
         _download(storage, key, part, keep_alive)
         os.link(part, dest)  # never replaces what is there
+    except FileExistsError:
+        return False  # another job of this machine brought or wrote it meanwhile
     finally:
         part.unlink(missing_ok=True)
     return True
