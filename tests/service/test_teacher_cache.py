@@ -64,7 +64,9 @@ def test_a_finished_cache_reaches_another_machine_and_no_other_tenant(tmp_path: 
     }
     assert publish(storage, "ten_1", machine_a, max_bytes=10**6) == []  # stored already
 
-    assert fetch(storage, "ten_1", machine_b, INPUTS) == [NAME, SEQKD]
+    beats: list[int] = []
+    assert fetch(storage, "ten_1", machine_b, INPUTS, lambda: beats.append(1)) == [NAME, SEQKD]
+    assert len(beats) >= 5  # the lease can be renewed while each file downloads
     for file in built.iterdir():
         assert (machine_b / NAME / file.name).read_bytes() == file.read_bytes()
     assert (machine_b / SEQKD).read_bytes() == (machine_a / SEQKD).read_bytes()
@@ -109,6 +111,15 @@ def test_a_stored_folder_missing_a_file_is_not_fetched(tmp_path: Path) -> None:
     local = tmp_path / "b"
     assert fetch(storage, "ten_1", local, INPUTS) == []
     assert list(local.iterdir()) == []  # no folder, no half-downloaded one
+
+
+def test_a_store_that_fails_costs_the_cache_not_the_job(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "blobs")
+    local = _cache(tmp_path / "a" / NAME).parent
+    storage.root.rmdir()
+    storage.root.write_text("a file where the store's folder was")
+    assert publish(storage, "ten_1", local, max_bytes=10**6) == []
+    assert fetch(storage, "ten_1", tmp_path / "b", INPUTS) == []
 
 
 # --- real jobs on two machines ---------------------------------------------------------------
@@ -190,6 +201,7 @@ def _spec(teacher: str, dataset: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_a_job_on_another_machine_reads_the_cache_through_storage(
     machines: Machines, teacher: str
 ) -> None:
