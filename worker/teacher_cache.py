@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -226,8 +226,10 @@ def _publish_folder(storage: Storage, prefix: str, local: Path, name: str, max_b
                 done.append(key)
             storage.put_stream(meta_key, [meta], max_bytes=META_MAX_BYTES)
         except BaseException:
-            for key in done:
-                storage.delete(key)
+            with suppress(Exception):
+                if not storage.exists(meta_key):  # else another worker stored it meanwhile
+                    for key in done:
+                        storage.delete(key)
             raise
     return True
 
