@@ -28,6 +28,7 @@ from core.errors import PayloadTooLarge
 
 CHUNK = 1024 * 1024
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_PART = re.compile(r"^\..+\.[0-9a-f]{12}\.part$")  # LocalStorage's name while writing
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class Storage(ABC):
         """Remove a blob; removing a missing blob is not an error."""
 
     @abstractmethod
+    def keys(self, prefix: str) -> list[str]:
+        """The keys of the complete blobs whose key starts with ``prefix``, sorted."""
+
+    @abstractmethod
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
         """A path on local disk holding the blob, valid inside the ``with`` block."""
@@ -186,6 +191,11 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
+
+
+def _public(key: str) -> bool:
+    """Not the temporary file of an unfinished local write."""
+    return not _PART.match(key.rpartition("/")[2])
 
 
 def _suffix(key: str) -> str:
@@ -246,6 +256,15 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def keys(self, prefix: str) -> list[str]:
+        # Walk only the folder the prefix names; unfinished writes are hidden ".…part" files.
+        parent = prefix.rpartition("/")[0]
+        folder = self.path(parent) if parent else self.root
+        if not folder.is_dir():
+            return []
+        found = (p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file())
+        return sorted(k for k in found if k.startswith(prefix) and _KEY.match(k) and _public(k))
 
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
@@ -366,6 +385,15 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def keys(self, prefix: str) -> list[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start + prefix
+        )
+        return sorted(
+            obj["Key"][len(start) :] for page in pages for obj in page.get("Contents", [])
+        )
 
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:

@@ -54,7 +54,7 @@ from core.logging import bind_log_context
 from core.models import Dataset, Job, Model
 from core.spec import JobSpec
 from core.storage import Storage
-from worker import protocol
+from worker import protocol, teacher_cache
 from worker.checkpoints import (
     delete_checkpoints,
     download,
@@ -130,20 +130,63 @@ def run_claimed_job(
             if job is None:
                 raise InvalidSpec(f"job {job_id} does not exist", field="job_id")
             payload = _prepare(session, job, storage, work, engine, settings.isolation)
-            attempt = job.attempt
-            # One tenant's jobs share their teacher caches; another tenant's are out of reach.
-            payload.cache_dir = str(settings.teacher_cache_root / job.tenant_id)
+            attempt, tenant_id = job.attempt, job.tenant_id
+            cache_inputs = teacher_cache.cache_inputs(session, job)
+        # One tenant's jobs share their teacher caches; another tenant's are out of reach.
+        cache_dir = settings.teacher_cache_root / tenant_id
+        payload.cache_dir = str(cache_dir)
         if settings.tensorboard_dir is not None:
             payload.tensorboard_dir = str((settings.tensorboard_dir / job_id).resolve())
         restore_checkpoints(storage, job_id, Path(payload.work_dir))
-        watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
-        return _settle(job_id, owner, attempt, watch, payload, session_factory, storage, settings)
+        if cache_inputs is not None:
+            _fetch_teacher_caches(
+                job_id, owner, tenant_id, cache_inputs, storage, settings, session_factory
+            )
+        try:
+            watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
+            return _settle(
+                job_id, owner, attempt, watch, payload, session_factory, storage, settings
+            )
+        finally:
+            stored = teacher_cache.publish(
+                storage, tenant_id, cache_dir, settings.job_disk_mb * 2**20
+            )
+            if stored:
+                log.info("teacher caches stored for tenant %s: %s", tenant_id, stored)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with session_factory() as session:
             status = session.scalar(select(Job.status).where(Job.id == job_id))
         if status in TERMINAL_STATUSES:
             delete_checkpoints(storage, job_id)
+
+
+def _fetch_teacher_caches(
+    job_id: str,
+    owner: str,
+    tenant_id: str,
+    inputs: teacher_cache.CacheInputs,
+    storage: Storage,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Bring this job's teacher caches from storage, renewing the lease while they download."""
+    next_beat = time.monotonic() + settings.heartbeat_seconds
+
+    def keep_alive() -> None:
+        nonlocal next_beat
+        if time.monotonic() >= next_beat:
+            next_beat = time.monotonic() + settings.heartbeat_seconds
+            with session_factory() as session:
+                heartbeat(session, job_id, owner, settings.lease_seconds)
+
+    cache_dir = settings.teacher_cache_root / tenant_id
+    brought = teacher_cache.fetch(storage, tenant_id, cache_dir, inputs, keep_alive)
+    if brought:
+        message = f"teacher cache: brought {', '.join(brought)} from storage"
+        with session_factory() as session:
+            add_event(session, job_id, "log", {"message": message})
+            session.commit()
 
 
 def open_storage(settings: Settings) -> Storage:

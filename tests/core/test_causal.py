@@ -88,6 +88,26 @@ def test_a_prompt_longer_than_max_length_is_refused(tmp_path: Path, texts: list[
     with pytest.raises(InvalidSpec) as err:
         load_lm_data(path, tok, max_length=16, val_fraction=0.1, seed=0)
     assert err.value.field == "training.max_length"
+    tokens = len(tok(" ".join(texts[:3]), add_special_tokens=False)["input_ids"])
+    assert err.value.details == {
+        "field": "training.max_length", "line": 1, "prompt_tokens": tokens, "max_length": 16
+    }  # fmt: skip
+    assert str(err.value).startswith(f"line 1: the prompt has {tokens} tokens")
+
+
+def test_a_prompt_only_line_needs_room_for_one_completion_token(
+    tmp_path: Path, texts: list[str]
+) -> None:
+    tok = train_tokenizer(texts[:200], vocab_size=300)
+    prompt = " ".join(texts[:3])
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    rows = [{"text": texts[5], "split": "val"}, {"prompt": prompt}]
+    path = _lines(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InvalidSpec, match=f"line 2: the prompt has {n} tokens"):
+        load_lm_data(path, tok, max_length=n, val_fraction=0.1, seed=0)
+    data = load_lm_data(path, tok, max_length=n + 1, val_fraction=0.1, seed=0)
+    row = data.train.x[0]
+    assert int(row[1].sum()) == n + 1 and data.train.target[0].sum() == 1  # the end-of-text
 
 
 def test_llama_student_from_teacher_copies_layers(tmp_path: Path, texts: list[str]) -> None:

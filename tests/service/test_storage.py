@@ -130,6 +130,18 @@ def test_missing_blobs(store: Storage) -> None:
         pass
 
 
+def test_keys_lists_complete_blobs_by_prefix(store: Storage) -> None:
+    for key in ("lm/t1/ab-1/meta.json", "lm/t1/ab-1/values", "lm/t1/ab-2", "lm/t1/cd", "lm/t2/ab"):
+        store.put_stream(key, [b"x"], max_bytes=1)
+    with pytest.raises(PayloadTooLarge):  # a failed write is never listed
+        store.put_stream("lm/t1/ab-3", [b"too long"], max_bytes=1)
+    if isinstance(store, LocalStorage):  # nor one being written (under a temporary name)
+        (store.root / "lm/t1/.ab-4.0123456789ab.part").write_bytes(b"x")
+    assert store.keys("lm/t1/ab-") == ["lm/t1/ab-1/meta.json", "lm/t1/ab-1/values", "lm/t1/ab-2"]
+    assert store.keys("lm/t1/") == [*store.keys("lm/t1/ab-"), "lm/t1/cd"]
+    assert store.keys("lm/t3/") == [] and store.keys("none") == []
+
+
 def test_put_file(store: Storage, tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     path.write_bytes(b'{"accuracy": 0.97}')

@@ -7,8 +7,11 @@ the vocabulary keeps its mass), and ``meta.json`` written last: a folder without
 unfinished build and is ignored. k = 64 over a vocabulary under 65 536 is 260 bytes per token.
 The arrays are memory-mapped: a batch reads only its rows.
 
-The folder lives under a cache directory that every job of a worker machine sees
+The folder lives under a cache directory that every job of the tenant on a worker machine sees
 (``DISTILL_LM_CACHE_DIR``); a second job on the same pair reads it and never runs the teacher.
+The worker shares the finished folders with its other machines through storage
+(worker/teacher_cache.py): it brings them before the job and stores them after it, both by
+whole folders with ``meta.json`` last, so the rule above holds on every machine.
 """
 
 from __future__ import annotations

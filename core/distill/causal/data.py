@@ -28,6 +28,7 @@ class Line:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    lineno: int | None = None  # in the uploaded file, for the messages that name it
 
 
 @dataclass
@@ -68,12 +69,12 @@ def read_lines(path: Path) -> tuple[list[Line], list[bool]]:
             if not isinstance(row, dict):
                 raise DatasetInvalid(f"line {lineno} is not a JSON object")
             if isinstance(row.get("text"), str):
-                line = Line(text=row["text"])
+                line = Line(text=row["text"], lineno=lineno)
             elif isinstance(row.get("prompt"), str):
                 completion = row.get("completion")
                 if completion is not None and not isinstance(completion, str):
                     raise DatasetInvalid(f'line {lineno}: "completion" is not a string')
-                line = Line(prompt=row["prompt"], completion=completion)
+                line = Line(prompt=row["prompt"], completion=completion, lineno=lineno)
             else:
                 raise DatasetInvalid(
                     f'line {lineno} has neither "text" nor "prompt"; a causal-LM line is '
@@ -140,11 +141,7 @@ def encode_lines(lines: list[Line], tokenizer: Any, max_length: int) -> TokenRow
             continue
         prompt = _ids(tokenizer, line.prompt or "")
         if len(prompt) >= max_length:
-            raise InvalidSpec(
-                f"a prompt has {len(prompt)} tokens, not fewer than training.max_length "
-                f"({max_length}); raise max_length or shorten the prompt",
-                field="training.max_length",
-            )
+            raise _prompt_too_long(line, len(prompt), max_length)
         completion = _ids(tokenizer, line.completion or "") + ([eos] if eos is not None else [])
         ids = (prompt + completion)[:max_length]
         rows.append((ids, [False] * len(prompt) + [True] * (len(ids) - len(prompt))))
@@ -163,6 +160,18 @@ def encode_lines(lines: list[Line], tokenizer: Any, max_length: int) -> TokenRow
         x[i, 1, : len(ids)] = 1
         target[i, : len(ids)] = torch.tensor(tgt)
     return TokenRows(x, target)
+
+
+def _prompt_too_long(line: Line, tokens: int, max_length: int) -> InvalidSpec:
+    """A prompt that leaves no room for a completion token is refused, never cut."""
+    where = f"line {line.lineno}" if line.lineno is not None else "a line"
+    return InvalidSpec(
+        f"{where}: the prompt has {tokens} tokens (by the teacher's tokenizer) and "
+        f"training.max_length is {max_length}, which leaves no room for its completion; "
+        f"raise training.max_length above {tokens} or shorten the prompt",
+        field="training.max_length",
+        details={"line": line.lineno, "prompt_tokens": tokens, "max_length": max_length},
+    )
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
