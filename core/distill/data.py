@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.distill.jsonl import json_objects
 from core.distill.types import TransferSet
 from core.errors import DatasetInvalid
 from core.spec import DatasetInfo
@@ -207,23 +208,16 @@ def _read_table(path: Path, options: dict[str, Any]) -> _Arrays:
 def _read_jsonl(path: Path, options: dict[str, Any]) -> _Arrays:
     texts: list[str] = []
     labels: list[Any] = []
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DatasetInvalid(f"line {lineno} is not JSON ({exc})") from None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                # a causal LM's prompt (and completion): the text is the two together
-                row = {"text": row["prompt"] + str(row.get("completion") or "")}
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DatasetInvalid(
-                    f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'
-                )
-            texts.append(row["text"])
-            labels.append(row.get("label"))
+    for lineno, row in json_objects(path):
+        if isinstance(row.get("prompt"), str):
+            # a causal LM's prompt (and completion): the text is the two together
+            row = {"text": row["prompt"] + str(row.get("completion") or "")}
+        if not isinstance(row.get("text"), str):
+            raise DatasetInvalid(
+                f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'
+            )
+        texts.append(row["text"])
+        labels.append(row.get("label"))
     if not texts:
         raise DatasetInvalid("the .jsonl file has no lines; upload a file with samples")
     x = encode_texts(texts, int(options.get("_max_text_len", 256)))

@@ -9,7 +9,6 @@ puts a line in the validation split; without any, ``val_fraction`` of the lines 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.distill.jsonl import is_validation, json_objects
 from core.errors import DatasetInvalid, InvalidSpec
 
 DEFAULT_MAX_LENGTH = 256
@@ -58,33 +58,21 @@ def read_lines(path: Path) -> tuple[list[Line], list[bool]]:
     """The lines of a causal-LM ``.jsonl`` and their validation marks."""
     lines: list[Line] = []
     val: list[bool] = []
-    with Path(path).open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DatasetInvalid(f"line {lineno} is not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise DatasetInvalid(f"line {lineno} is not a JSON object")
-            if isinstance(row.get("text"), str):
-                line = Line(text=row["text"], lineno=lineno)
-            elif isinstance(row.get("prompt"), str):
-                completion = row.get("completion")
-                if completion is not None and not isinstance(completion, str):
-                    raise DatasetInvalid(f'line {lineno}: "completion" is not a string')
-                line = Line(prompt=row["prompt"], completion=completion, lineno=lineno)
-            else:
-                raise DatasetInvalid(
-                    f'line {lineno} has neither "text" nor "prompt"; a causal-LM line is '
-                    '{"text": …} or {"prompt": …, "completion": …}'
-                )
-            split = row.get("split", "train")
-            if split not in ("train", "val"):
-                raise DatasetInvalid(f'line {lineno}: "split" is "train" or "val", not {split!r}')
-            lines.append(line)
-            val.append(split == "val")
+    for lineno, row in json_objects(path):
+        if isinstance(row.get("text"), str):
+            line = Line(text=row["text"], lineno=lineno)
+        elif isinstance(row.get("prompt"), str):
+            completion = row.get("completion")
+            if completion is not None and not isinstance(completion, str):
+                raise DatasetInvalid(f'line {lineno}: "completion" is not a string')
+            line = Line(prompt=row["prompt"], completion=completion, lineno=lineno)
+        else:
+            raise DatasetInvalid(
+                f'line {lineno} has neither "text" nor "prompt"; a causal-LM line is '
+                '{"text": …} or {"prompt": …, "completion": …}'
+            )
+        lines.append(line)
+        val.append(is_validation(row, lineno))
     if not lines:
         raise DatasetInvalid("the .jsonl file has no lines; upload a file with samples")
     return lines, val

@@ -10,7 +10,6 @@ length for every row).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from core.distill.data import _Arrays, _to_transfer_set
 from core.distill.hf.models import encode
+from core.distill.jsonl import is_validation, json_objects
 from core.distill.types import TransferSet
 from core.errors import DatasetInvalid
 
@@ -29,24 +29,14 @@ def read_jsonl(path: Path) -> tuple[list[str], list[Any], list[bool]]:
     texts: list[str] = []
     labels: list[Any] = []
     val: list[bool] = []
-    with Path(path).open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DatasetInvalid(f"line {lineno} is not JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DatasetInvalid(
-                    f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'
-                )
-            split = row.get("split", "train")
-            if split not in ("train", "val"):
-                raise DatasetInvalid(f'line {lineno}: "split" is "train" or "val", not {split!r}')
-            texts.append(row["text"])
-            labels.append(row.get("label"))
-            val.append(split == "val")
+    for lineno, row in json_objects(path):
+        if not isinstance(row.get("text"), str):
+            raise DatasetInvalid(
+                f'line {lineno} has no "text" string; each line is {{"text": …, "label": …}}'
+            )
+        texts.append(row["text"])
+        labels.append(row.get("label"))
+        val.append(is_validation(row, lineno))
     if not texts:
         raise DatasetInvalid("the .jsonl file has no lines; upload a file with samples")
     return texts, labels, val
