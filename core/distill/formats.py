@@ -166,11 +166,26 @@ def _looks_like_safetensors(path: Path, head: bytes, size: int) -> bool:
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors file's header (empty when absent)."""
-    with Path(path).open("rb") as fh:
+    """The ``__metadata__`` strings of a safetensors file's header (empty when absent), once the
+    file passes the checks of an upload: a JSON header of a sane length, and the whole data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise ModelInvalid(f"cannot read the model file: {exc.strerror}") from None
+    if not _looks_like_safetensors(path, head, size):
+        raise ModelInvalid(
+            "the file is not a safetensors file (no JSON header after the 8-byte length); "
+            "save it with safetensors.torch.save_file"
+        )
+    with path.open("rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelInvalid("the safetensors header's __metadata__ is not a JSON object")
     return {str(k): str(v) for k, v in meta.items()}
 
 

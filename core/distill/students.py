@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.distill.arch_weights import load_arch_weights
 from core.distill.architectures import build_architecture, register_architecture
 from core.distill.formats import check_exported_program_archive, check_torchscript_archive
 from core.distill.operators import check_exported_program, check_torchscript
@@ -480,7 +481,7 @@ def _load_trainable(
         # train/eval behaviour is frozen at export time; an optimizer still trains it.
         model = program.module()
     elif fmt == "safetensors":
-        model = _load_safetensors(model_file)
+        model = load_arch_weights(model_file).model
     else:
         raise InvalidSpec(
             f"a {fmt} model can't be trained; upload the student as torchscript, "
@@ -493,23 +494,6 @@ def _load_trainable(
         raise ModelInvalid("the uploaded student has no parameters to train")
     if fmt != "exported_program":
         _check_output(model, shape, dtype, output_dim)
-    return model
-
-
-def _load_safetensors(model_file: ModelFile) -> nn.Module:
-    from safetensors.torch import load_file
-
-    if model_file.arch is None:
-        raise InvalidSpec(
-            "a safetensors student needs arch (a built-in architecture name)", field="student.arch"
-        )
-    model = build_architecture(model_file.arch, model_file.arch_config)
-    try:
-        model.load_state_dict(load_file(str(model_file.path)))
-    except RuntimeError as exc:
-        raise ModelInvalid(
-            f"the safetensors file does not match architecture '{model_file.arch}': {exc}"
-        ) from None
     return model
 
 

@@ -16,7 +16,6 @@ be used as loss targets in a training graph.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.distill.arch_weights import load_arch_weights
 from core.distill.formats import (
     check_exported_program_archive,
     check_onnx_tensors,
     check_torchscript_archive,
-    safetensors_metadata,
 )
 from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher
@@ -527,48 +526,12 @@ def _load_torchscript(
 def _load_safetensors(
     file: ModelFile, device: torch.device, input_shape: Sequence[int | None] | None
 ) -> ModuleTeacher:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from core.distill.architectures import architecture_names, build_architecture
-
-    meta = safetensors_metadata(file.path)
-    arch = file.arch or meta.get("distill_arch")
-    if not arch:
-        raise ModelInvalid(
-            "a safetensors file holds weights only: give 'arch' naming the built-in "
-            f"architecture they fit (one of: {', '.join(architecture_names())}) and its config"
-        )
-    config = file.arch_config
-    if config is None and meta.get("distill_arch_config") and arch == meta.get("distill_arch"):
-        try:
-            config = json.loads(meta["distill_arch_config"])
-        except json.JSONDecodeError:
-            raise ModelInvalid("the file's distill_arch_config metadata is not JSON") from None
-    model = build_architecture(arch, config or {})
-    try:
-        state = load_file(str(file.path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelInvalid(f"the safetensors file cannot be read: {exc}") from None
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelInvalid(
-            f"the weights do not fit architecture '{arch}' with config {config or {}}: "
-            f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; give the arch "
-            "config the weights were trained with",
-            details={"missing": missing, "unexpected": unexpected},
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelInvalid(
-            f"the weights do not fit architecture '{arch}' with config {config or {}}: {exc}"
-        ) from None
+    loaded = load_arch_weights(file)
+    model, arch, config = loaded.model, loaded.arch, loaded.config
     # The presets take the sample shape as ``input_shape`` (token models: ``tokens=True``).
-    declared = (config or {}).get("input_shape") or getattr(model, "input_shape", None)
+    declared = config.get("input_shape") or getattr(model, "input_shape", None)
     inp = input_info(model, input_shape or declared)
-    if (config or {}).get("tokens"):
+    if config.get("tokens"):
         inp = TensorInfo(shape=inp.shape, dtype="int64")
     info = ModelInfo(
         format="safetensors",
@@ -578,7 +541,7 @@ def _load_safetensors(
         arch=arch,
     )
     teacher = ModuleTeacher(model, info, size_bytes=file.path.stat().st_size)
-    teacher.arch_config = dict(config or {})  # type: ignore[attr-defined]
+    teacher.arch_config = dict(config)  # type: ignore[attr-defined]
     return teacher.to(device)
 
 
