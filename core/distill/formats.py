@@ -71,13 +71,18 @@ def detect_format(path: Path, declared: str | None = None) -> str:
     return found
 
 
-def _sniff(path: Path) -> str:
+def _head(path: Path) -> tuple[bytes, int]:
+    """The first 16 bytes of a file and its size."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
-            head = fh.read(16)
+            return fh.read(16), size
     except OSError as exc:
         raise ModelInvalid(f"cannot read the model file: {exc.strerror}") from None
+
+
+def _sniff(path: Path) -> str:
+    head, size = _head(path)
     if size == 0:
         raise ModelInvalid("the model file is empty; upload the saved model")
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -169,13 +174,7 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` strings of a safetensors file's header (empty when absent), once the
     file passes the checks of an upload: a JSON header of a sane length, and the whole data."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(16)
-    except OSError as exc:
-        raise ModelInvalid(f"cannot read the model file: {exc.strerror}") from None
-    if not _looks_like_safetensors(path, head, size):
+    if not _looks_like_safetensors(path, *_head(path)):
         raise ModelInvalid(
             "the file is not a safetensors file (no JSON header after the 8-byte length); "
             "save it with safetensors.torch.save_file"

@@ -39,7 +39,8 @@ from core.distill.stages import (
     train_stage,
     tuned_stage,
 )
-from core.distill.teachers import EnsembleTeacher, dtype_name, load_teacher
+from core.distill.teacher_io import dtype_name
+from core.distill.teachers import EnsembleTeacher, load_teacher
 from core.distill.trainer import resolve_device
 from core.distill.types import (
     Artifact,

@@ -25,7 +25,8 @@ from core.distill.methods import build_method
 from core.distill.methods.base import DistillMethod
 from core.distill.progress import Reporter, check_stop
 from core.distill.students import build_student
-from core.distill.teachers import ModuleTeacher, dtype_name
+from core.distill.teacher_io import dtype_name
+from core.distill.teachers import ModuleTeacher
 from core.distill.trainer import TrainResult, monitored_metric, train
 from core.distill.types import ModelFile, ProgressFn, StopFn, Teacher, TransferSet
 from core.errors import InvalidSpec
