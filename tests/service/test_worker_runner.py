@@ -149,14 +149,20 @@ def test_success_records_events_artifacts_and_cleans_up(env: Env) -> None:
     assert not (env.settings.data_dir / "work" / job_id).exists()
 
 
-def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -> None:
-    job_id = env.submit("slow")
+def _run_in_thread(env: Env, job_id: str) -> tuple[threading.Thread, list[RunEnd]]:
+    """Claim and run the job in a thread; return once its engine has reported epoch 3."""
     outcome: list[RunEnd] = []
     runner = threading.Thread(target=lambda: outcome.append(env.claim_and_run(job_id)))
     runner.start()
     deadline = time.monotonic() + 60
     while env.job(job_id).metrics.get("epoch") != 3 and time.monotonic() < deadline:
         time.sleep(0.1)
+    return runner, outcome
+
+
+def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -> None:
+    job_id = env.submit("slow")
+    runner, outcome = _run_in_thread(env, job_id)
     with env.sessions() as s:
         assert request_cancel(s, s.get(Job, job_id)).status == "cancelling"
     asked = time.monotonic()
@@ -172,12 +178,7 @@ def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -
 
 def test_a_job_another_worker_holds_is_stopped_and_left_as_it_is(env: Env) -> None:
     job_id = env.submit("slow")
-    outcome: list[RunEnd] = []
-    runner = threading.Thread(target=lambda: outcome.append(env.claim_and_run(job_id)))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while env.job(job_id).metrics.get("epoch") != 3 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    runner, outcome = _run_in_thread(env, job_id)
     with env.sessions() as s:  # the lease expired and another worker claimed the job
         s.get(Job, job_id).lease_owner = "w2"
         s.commit()
