@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -56,6 +57,15 @@ def load_arch_weights(file: ModelFile) -> ArchWeights:
         state = load_file(str(file.path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelInvalid(f"the safetensors file cannot be read: {exc}") from None
+    load_weights(model, state, arch, config)
+    return ArchWeights(model, arch, config)
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], arch: str, config: dict[str, Any]
+) -> None:
+    """Load ``state`` into ``model`` (built as ``arch`` with ``config``): exactly its keys and
+    shapes, else ModelInvalid naming the keys that differ."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -71,4 +81,3 @@ def load_arch_weights(file: ModelFile) -> ArchWeights:
         raise ModelInvalid(
             f"the weights do not fit architecture '{arch}' with config {config}: {exc}"
         ) from None
-    return ArchWeights(model, arch, config)
