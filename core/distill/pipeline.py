@@ -17,15 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from core.distill import compress, evaluate, export
+from core.distill import evaluate, export
 from core.distill.causal.pipeline import run_causal
 from core.distill.data import dataset_info, load_transfer_set
 from core.distill.hf.export import export_hf_student
 from core.distill.hf.text import load_text_transfer_set
+from core.distill.measures import (
+    compress_and_measure,
+    measure,
+    module_device,
+    teacher_metrics,
+    timing,
+)
 from core.distill.progress import Reporter, check_stop
 from core.distill.search import Found
 from core.distill.stages import (
@@ -66,7 +72,6 @@ EXPORTS: dict[str, list[tuple[str, str]]] = {
     "hf": [("student_hf.zip", "student_hf")],
 }
 EVAL_BATCH = 512
-TIMING_THREADS = 1  # see evaluate.interleaved_timing: figures that repeat on a shared CPU
 # The delivered student's figures in the job's last metrics event: result key → event key.
 DELIVERED_METRICS = {
     "accuracy": "val_accuracy",
@@ -206,7 +211,7 @@ def _run(
     report.phase("baseline")
     if with_baseline:
         baseline_model = train_stage(ctx, baseline_stage(ctx))
-        baseline_metrics, baseline_val = _measure(
+        baseline_metrics, baseline_val = measure(
             baseline_model, data, teacher_val, task, device, latency=False
         )
         baseline = (baseline_model, baseline_metrics, baseline_val)
@@ -214,7 +219,7 @@ def _run(
     compression: list[dict[str, Any]] = []
     report.phase("compression")
     if spec.compression.prune is not None or spec.compression.quantize != "none":
-        student, measured, compression = _compress(
+        student, measured, compression = compress_and_measure(
             student, measured, spec, data, teacher_val, task, device, report
         )
     check_stop(should_stop)
@@ -222,9 +227,8 @@ def _run(
 
     report.phase("evaluation")
     report.log("measuring the teacher on the validation split")
-    teacher_metrics = _teacher_metrics(teacher, data, teacher_val, task)
     result: dict[str, Any] = {
-        "teacher": teacher_metrics,
+        "teacher": teacher_metrics(teacher, data, teacher_val, task),
         "student": student_metrics,
         "task": task,
         "method": stage_results[-1]["method"],
@@ -244,7 +248,7 @@ def _run(
     check_stop(should_stop)
 
     report.phase("export")
-    where = _module_device(student, device)
+    where = module_device(student, device)
     artifacts, checks = _export(
         student, spec.export, data, staging=staging, report=report, name="student"
     )
@@ -257,7 +261,7 @@ def _run(
     report.phase("timing")
     report.log("timing teacher and student in alternating rounds")
     result.update(
-        _timing(
+        timing(
             teacher,
             student,
             None if baseline is None else baseline[0],
@@ -304,7 +308,7 @@ def _distil_chain(
             student = tuned_stage(ctx, found.tune.best)
         else:
             student = train_stage(ctx, chain_stage(ctx, i, current))
-        measured = _measure(student, ctx.data, teacher_val, task, device)
+        measured = measure(student, ctx.data, teacher_val, task, device)
         method = (stage.distillation or spec.distillation or default_method(task)).method
         rows.append(
             {
@@ -431,171 +435,6 @@ def _teacher_outputs(teacher: Teacher, x: torch.Tensor, device: torch.device) ->
         for i in range(0, len(x), EVAL_BATCH)
     ]
     return torch.cat(parts)
-
-
-# --- evaluation and compression ----------------------------------------------------------------
-
-
-def _measure(
-    model: nn.Module,
-    data: TransferSet,
-    teacher_val: torch.Tensor,
-    task: str,
-    device: torch.device,
-    *,
-    latency: bool = True,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Quality, size and (unless ``latency`` is off) latency of a student on the validation
-    split, and its outputs there."""
-    model = model.eval()
-    outputs = evaluate.predict(model, data.x_val, device=device)
-    metrics = {
-        **evaluate.quality_metrics(outputs, task=task, y=data.y_val, teacher_outputs=teacher_val),
-        **evaluate.size_metrics(model),
-    }
-    if latency:
-        metrics.update(evaluate.latency_metrics(model, data.x_val, device=device))
-    return metrics, outputs
-
-
-def _teacher_metrics(
-    teacher: Teacher, data: TransferSet, teacher_val: torch.Tensor, task: str
-) -> dict[str, Any]:
-    quality = evaluate.quality_metrics(teacher_val, task=task, y=data.y_val, teacher_outputs=None)
-    return {**quality, "parameters": int(teacher.parameters), "size_bytes": int(teacher.size_bytes)}
-
-
-def _timing(
-    teacher: Teacher,
-    student: nn.Module,
-    baseline: nn.Module | None,
-    result: dict[str, Any],
-    *,
-    onnx_file: Path | None,
-    data: TransferSet,
-    device: torch.device,
-    staging: Path,
-) -> dict[str, Any]:
-    """Latency and throughput of teacher, student (in torch and under onnxruntime) and baseline,
-    timed in alternating rounds; writes them into ``result``'s blocks and returns the ratios,
-    the paired ``speedup`` (in the teacher's runtime) and the ``timing`` block."""
-    student_device = _module_device(student, device)
-    models: dict[str, Any] = {"teacher": teacher, "student": student}
-    devices = {"teacher": device, "student": student_device}
-    session = _onnx_session(student, data, onnx_file, staging / ".timing.onnx")
-    if session is not None:
-        models["student_onnx"], devices["student_onnx"] = session, torch.device("cpu")
-    if baseline is not None:
-        models["baseline"], devices["baseline"] = baseline, _module_device(baseline, device)
-    timings = evaluate.interleaved_timing(
-        models, data.x_val, devices=devices, threads=TIMING_THREADS
-    )
-    for name in ("teacher", "student", "baseline"):
-        if name in timings:
-            result[name].update(timings[name].metrics())
-    if "student_onnx" in timings:
-        onnx = timings["student_onnx"].metrics()
-        result["student"].update(
-            {
-                "latency_ms_p50_onnx": onnx["latency_ms_p50"],
-                "latency_ms_range_onnx": onnx["latency_ms_range"],
-                "throughput_per_s_onnx": onnx["throughput_per_s"],
-            }
-        )
-    # The teacher against the student in the teacher's runtime (torch when the student's ONNX
-    # session could not be made).
-    runtime = "onnxruntime" if _runtime(teacher) == "onnxruntime" and session else "torch"
-    same = timings["student_onnx"] if runtime == "onnxruntime" else timings["student"]
-    speed = evaluate.paired_speedup(timings["teacher"], same)
-    figures = {**evaluate.compare(result["teacher"], result["student"]), **speed}
-    noisy = [t.metrics()["latency_noisy"] for t in timings.values()]
-    figures["timing"] = {
-        "interleaved": True,
-        "rounds": len(timings["teacher"].calls),
-        "speedup_runtime": runtime,
-        "threads": TIMING_THREADS,
-        "batch_size": min(len(data.x_val), 256),
-        "noisy": bool(any(noisy) or speed["speedup_noisy"]),
-    }
-    return figures
-
-
-def _runtime(teacher: Teacher) -> str:
-    """Where the teacher runs: ``onnxruntime`` (an ONNX upload) or ``torch``."""
-    members = getattr(teacher, "teachers", None) or [teacher]
-    formats = {m.info.format for m in members}
-    return "onnxruntime" if formats == {"onnx"} else "torch"
-
-
-def _module_device(module: nn.Module, default: torch.device) -> torch.device:
-    param = next(iter(module.parameters()), None)
-    return param.device if param is not None else default
-
-
-def _onnx_session(
-    student: nn.Module, data: TransferSet, exported: Path | None, scratch: Path
-) -> Any:
-    """An onnxruntime session of the student (the exported file, or a scratch export that is
-    removed at once) on TIMING_THREADS threads; None when the student does not export."""
-    if hasattr(student, "tokenizer"):  # an hf student's ONNX takes ids and mask, not x
-        return None
-    path = exported
-    try:
-        if path is None or not path.is_file():
-            path = scratch
-            export.export_onnx(student, data.x_val[:2], path, check_inputs=data.x_val[:64])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = TIMING_THREADS
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception:  # a figure we cannot take is reported missing, never fails the job
-        return None
-    finally:
-        scratch.unlink(missing_ok=True)
-
-
-def _compress(
-    student: nn.Module,
-    measured: tuple[dict[str, Any], torch.Tensor],
-    spec: JobSpec,
-    data: TransferSet,
-    teacher_val: torch.Tensor,
-    task: str,
-    device: torch.device,
-    report: Reporter,
-) -> tuple[nn.Module, tuple[dict[str, Any], torch.Tensor], list[dict[str, Any]]]:
-    """Prune, then quantize the student; measure after each step (before = the step before)."""
-    steps: list[dict[str, Any]] = []
-    prune = spec.compression.prune
-    if prune is not None:
-        kind = "structured" if prune.structured else "unstructured"
-        report.log(f"pruning {prune.amount:.0%} of the student's weights ({kind})")
-        student = compress.prune(
-            student,
-            amount=prune.amount,
-            structured=prune.structured,
-            example_input=data.x_val[:2].to(device),
-        ).eval()
-        after = _measure(student, data, teacher_val, task, device)
-        steps.append(
-            {"step": "prune", **prune.model_dump(), "before": measured[0], "after": after[0]}
-        )
-        measured = after
-    if spec.compression.quantize != "none":
-        mode = spec.compression.quantize
-        report.log(f"quantizing the student ({mode})")
-        where = _quantized_device(mode, device)
-        calibration = data.x_train[: min(len(data.x_train), 512)].to(where)
-        student = compress.quantize(student.to(where), mode, calibration=calibration).eval()
-        after = _measure(student, data, teacher_val, task, where)
-        steps.append({"step": "quantize", "mode": mode, "before": measured[0], "after": after[0]})
-        measured = after
-    return student, measured, steps
-
-
-def _quantized_device(mode: str, device: torch.device) -> torch.device:
-    # int8 kernels run on the CPU; fp16 runs wherever the job runs.
-    return device if mode == "fp16" else torch.device("cpu")
 
 
 # --- export ------------------------------------------------------------------------------------
