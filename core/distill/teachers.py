@@ -285,6 +285,7 @@ def _load_onnx(file: ModelFile, device: torch.device, input_shape: Any) -> Teach
 
 
 def _load_hf(file: ModelFile, device: torch.device, input_shape: Any) -> Teacher:
+    # hf.models builds its teacher on ModuleTeacher (this module): imported here, not above.
     from core.distill.hf.models import load_hf_teacher
 
     return load_hf_teacher(file, device)
