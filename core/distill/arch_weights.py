@@ -8,7 +8,6 @@ the architecture's state dict: a missing or extra key, or a wrong shape, is Mode
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.distill.architectures import architecture_names, build_architecture
-from core.distill.formats import safetensors_metadata
+from core.distill.formats import json_object, safetensors_metadata
 from core.distill.types import ModelFile
 from core.errors import ModelInvalid
 
@@ -45,12 +44,7 @@ def load_arch_weights(file: ModelFile) -> ArchWeights:
         )
     config = file.arch_config
     if config is None and meta.get("distill_arch_config") and arch == meta.get("distill_arch"):
-        try:
-            config = json.loads(meta["distill_arch_config"])
-        except json.JSONDecodeError:
-            config = None
-        if not isinstance(config, dict):
-            raise ModelInvalid("the file's distill_arch_config metadata is not a JSON object")
+        config = json_object(meta["distill_arch_config"], "the file's distill_arch_config metadata")
     config = dict(config or {})
     model = build_architecture(arch, config)
     try:

@@ -151,12 +151,7 @@ def _looks_like_safetensors(path: Path, head: bytes, size: int) -> bool:
     with path.open("rb") as fh:
         fh.seek(8)
         raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInvalid(f"the safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ModelInvalid("the safetensors header is not a JSON object")
+    header = json_object(raw, "the safetensors header")
     ends = [
         v["data_offsets"][1]
         for k, v in header.items()
@@ -414,12 +409,17 @@ def check_exported_program_archive(path: Path) -> None:
 
 
 def _json_record(reader: Any, name: str, what: str) -> dict[str, Any]:
+    return json_object(reader.get_record(name), f"'{name}' in {what}")
+
+
+def json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, else ModelInvalid saying that ``what`` is not one."""
     try:
-        value = json.loads(reader.get_record(name))
+        value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInvalid(f"'{name}' in {what} is not valid JSON ({exc})") from None
+        raise ModelInvalid(f"{what} is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise ModelInvalid(f"'{name}' in {what} is not a JSON object")
+        raise ModelInvalid(f"{what} is not a JSON object")
     return value
 
 
