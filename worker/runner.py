@@ -30,6 +30,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,24 @@ def artifact_key(job_id: str, attempt: int, name: str) -> str:
     return f"jobs/{job_id}/attempt-{attempt}/{name}"
 
 
+class RunEnd(StrEnum):
+    """How :func:`run_claimed_job` left a job: its return value, never stored (the job's row
+    keeps its own statuses)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TAKEN_OVER = "taken_over"  # another actor holds the job now; nothing was recorded
+    LEFT_TO_RECONCILER = "left_to_reconciler"  # the child was killed; the job stays running
+
+
 @dataclass
-class _Watch:
-    """What the parent knows about the child while it runs."""
+class _ChildState:
+    """What the parent knows about the supervised child while it runs and once it has ended."""
 
     outcome: Outcome | None = None
     error: dict[str, Any] | None = None
-    stop_reason: str | None = None  # cancel | timeout | lost | memory | disk
+    stop_reason: str | None = None  # cancel | timeout | taken_over | memory | disk
     stop_asked_at: float | None = None
     terminated_at: float | None = None
     last_rss: int = 0
@@ -112,13 +124,14 @@ def run_claimed_job(
     session_factory: sessionmaker[Session],
     storage: Storage | None = None,
     engine: str = ENGINE,
-) -> str:
-    """Run a job this worker has claimed; record how it ended; return the final status.
+) -> RunEnd:
+    """Run a job this worker has claimed; record how it ended; return how it ended.
 
-    The return value is ``succeeded``, ``failed``, ``cancelled``, ``lost`` (another actor owns
-    the job now) or ``left`` (the child was killed; the reconciler settles it). Errors found
-    before the child starts (a deleted model, an unreadable blob) are raised for the task to
-    record.
+    The return value is ``succeeded``, ``failed``, ``cancelled``, ``taken_over`` (another actor
+    holds the job now: a lost lease, a cancel settled elsewhere) or ``left_to_reconciler`` (the
+    child was killed by a signal; the job stays ``running`` for the reconciler to re-queue).
+    Errors found before the child starts (a deleted model, an unreadable blob) are raised for
+    the task to record.
     """
     if storage is None:
         storage = open_storage(settings)
@@ -143,9 +156,9 @@ def run_claimed_job(
                 job_id, owner, tenant_id, cache_inputs, storage, settings, session_factory
             )
         try:
-            watch = _supervise(job_id, owner, payload, settings, session_factory, storage)
+            state = _supervise(job_id, owner, payload, settings, session_factory, storage)
             return _settle(
-                job_id, owner, attempt, watch, payload, session_factory, storage, settings
+                job_id, owner, attempt, state, payload, session_factory, storage, settings
             )
         finally:
             stored = teacher_cache.publish(
@@ -260,10 +273,10 @@ def _supervise(
     settings: Settings,
     session_factory: sessionmaker[Session],
     storage: Storage,
-) -> _Watch:
+) -> _ChildState:
     proc = _start_child(payload, settings.isolation)
     channel = _MessageChannel(proc)
-    watch = _Watch()
+    state = _ChildState()
     work_dir = Path(payload.work_dir)
     started = time.monotonic()
     deadline = started + payload.max_seconds + TIMEOUT_SLACK_SECONDS
@@ -274,11 +287,11 @@ def _supervise(
             if not eof:
                 try:
                     for message in channel.receive(0.1):
-                        _handle(message, job_id, owner, watch, session_factory)
+                        _handle(message, job_id, owner, state, session_factory)
                 except EOFError:
                     eof, eof_at = True, time.monotonic()
                 except ChildMessageError as exc:
-                    watch.error = {"code": "internal", "message": str(exc)}
+                    state.error = {"code": "internal", "message": str(exc)}
                     proc.kill()
             else:
                 with suppress(subprocess.TimeoutExpired):
@@ -288,39 +301,39 @@ def _supervise(
             if eof and proc.poll() is not None:
                 break
             now = time.monotonic()
-            if watch.stop_reason is None:
+            if state.stop_reason is None:
                 if now >= next_poll:
                     next_poll = now + CANCEL_POLL_SECONDS
-                    _sample_memory(proc.pid, watch)
-                    if _over_memory(watch, settings):
-                        watch.stop_reason = "memory"
+                    _sample_memory(proc.pid, state)
+                    if _over_memory(state, settings):
+                        state.stop_reason = "memory"
                         proc.kill()  # no grace: it would only grow further
                     else:
-                        watch.stop_reason = _should_stop(job_id, owner, session_factory)
-                if watch.stop_reason is None and now >= next_beat:
+                        state.stop_reason = _should_stop(job_id, owner, session_factory)
+                if state.stop_reason is None and now >= next_beat:
                     next_beat = now + settings.heartbeat_seconds
                     with session_factory() as session:
                         if not heartbeat(session, job_id, owner, settings.lease_seconds):
-                            watch.stop_reason = _should_stop(job_id, owner, session_factory)
-                            watch.stop_reason = watch.stop_reason or "lost"
-                if watch.stop_reason is None and now >= deadline:
-                    watch.stop_reason = "timeout"
-                if watch.stop_reason is not None:
-                    log.info("stopping %s: %s", job_id, watch.stop_reason)
+                            state.stop_reason = _should_stop(job_id, owner, session_factory)
+                            state.stop_reason = state.stop_reason or "taken_over"
+                if state.stop_reason is None and now >= deadline:
+                    state.stop_reason = "timeout"
+                if state.stop_reason is not None:
+                    log.info("stopping %s: %s", job_id, state.stop_reason)
                     _ask_to_stop(proc)
-                    watch.stop_asked_at = now
+                    state.stop_asked_at = now
             else:
-                _escalate(proc, watch, now)
+                _escalate(proc, state, now)
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_SECONDS
-                _flush_progress(job_id, owner, watch, session_factory)
-            if now >= next_scan and watch.stop_reason is None:
+                _flush_progress(job_id, owner, state, session_factory)
+            if now >= next_scan and state.stop_reason is None:
                 next_scan = now + CHECKPOINT_SCAN_SECONDS
-                sync_checkpoints(storage, job_id, work_dir, watch.checkpoints)
+                sync_checkpoints(storage, job_id, work_dir, state.checkpoints)
                 if _over_disk(payload, settings):
-                    watch.stop_reason = "disk"
+                    state.stop_reason = "disk"
                     proc.kill()
-        _flush_progress(job_id, owner, watch, session_factory)
+        _flush_progress(job_id, owner, state, session_factory)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -330,8 +343,8 @@ def _supervise(
     returncode = proc.poll()
     if returncode is not None and payload.caged:
         returncode = cage.exit_status(returncode)
-    watch.exitcode = returncode
-    return watch
+    state.exitcode = returncode
+    return state
 
 
 def _start_child(payload: JobPayload, isolation: Isolation) -> subprocess.Popen[bytes]:
@@ -435,14 +448,14 @@ class _MessageChannel:
                     pipe.close()
 
 
-def _escalate(proc: subprocess.Popen[bytes], watch: _Watch, now: float) -> None:
+def _escalate(proc: subprocess.Popen[bytes], state: _ChildState, now: float) -> None:
     """After a stop request: SIGTERM once the grace period is over, then SIGKILL."""
-    if proc.poll() is not None or watch.stop_asked_at is None:
+    if proc.poll() is not None or state.stop_asked_at is None:
         return
-    if watch.terminated_at is None and now - watch.stop_asked_at >= STOP_GRACE_SECONDS:
+    if state.terminated_at is None and now - state.stop_asked_at >= STOP_GRACE_SECONDS:
         proc.terminate()
-        watch.terminated_at = now
-    elif watch.terminated_at is not None and now - watch.terminated_at >= KILL_GRACE_SECONDS:
+        state.terminated_at = now
+    elif state.terminated_at is not None and now - state.terminated_at >= KILL_GRACE_SECONDS:
         proc.kill()
 
 
@@ -450,15 +463,15 @@ def _handle(
     message: Message,
     job_id: str,
     owner: str,
-    watch: _Watch,
+    state: _ChildState,
     session_factory: sessionmaker[Session],
 ) -> None:
     if isinstance(message, Outcome):
-        watch.outcome = message
+        state.outcome = message
     elif isinstance(message, Failure):
-        watch.error = message.error
+        state.error = message.error
     elif message.type == "progress":
-        watch.pending_progress = message.data  # written at most once a second
+        state.pending_progress = message.data  # written at most once a second
     elif message.type == "metrics":
         with session_factory() as session:
             if _owned_update(session, job_id, owner, metrics=message.data):
@@ -481,14 +494,14 @@ def _owned_update(session: Session, job_id: str, owner: str, **values: Any) -> b
 
 
 def _flush_progress(
-    job_id: str, owner: str, watch: _Watch, session_factory: sessionmaker[Session]
+    job_id: str, owner: str, state: _ChildState, session_factory: sessionmaker[Session]
 ) -> None:
-    if watch.pending_progress is None:
+    if state.pending_progress is None:
         return
     with session_factory() as session:
-        _owned_update(session, job_id, owner, progress=watch.pending_progress)
+        _owned_update(session, job_id, owner, progress=state.pending_progress)
         session.commit()
-    watch.pending_progress = None
+    state.pending_progress = None
 
 
 def _should_stop(job_id: str, owner: str, session_factory: sessionmaker[Session]) -> str | None:
@@ -497,24 +510,24 @@ def _should_stop(job_id: str, owner: str, session_factory: sessionmaker[Session]
             select(Job.status, Job.cancel_requested, Job.lease_owner).where(Job.id == job_id)
         ).first()
     if row is None:
-        return "lost"
+        return "taken_over"
     status, cancel_requested, lease_owner = row
     if lease_owner != owner or status not in ("running", "cancelling"):
-        return "lost"
+        return "taken_over"
     if cancel_requested or status == "cancelling":
         return "cancel"
     return None
 
 
-def _sample_memory(pid: int | None, watch: _Watch) -> None:
+def _sample_memory(pid: int | None, state: _ChildState) -> None:
     with suppress(psutil.Error, TypeError):
         proc = psutil.Process(pid)
         rss = proc.memory_info().rss
         for child in proc.children(recursive=True):
             with suppress(psutil.Error):
                 rss += child.memory_info().rss
-        watch.last_rss = rss
-        watch.last_available = psutil.virtual_memory().available
+        state.last_rss = rss
+        state.last_available = psutil.virtual_memory().available
 
 
 def _written_bytes(payload: JobPayload) -> int:
@@ -530,9 +543,9 @@ def _over_disk(payload: JobPayload, settings: Settings) -> bool:
     return _written_bytes(payload) > settings.job_disk_mb * 2**20
 
 
-def _over_memory(watch: _Watch, settings: Settings) -> bool:
+def _over_memory(state: _ChildState, settings: Settings) -> bool:
     limit = settings.job_memory_mb
-    return limit is not None and watch.last_rss > limit * 2**20
+    return limit is not None and state.last_rss > limit * 2**20
 
 
 def memory_limit_bytes(job_memory_mb: int | None = None) -> int:
@@ -566,65 +579,93 @@ def _settle(
     job_id: str,
     owner: str,
     attempt: int,
-    watch: _Watch,
+    state: _ChildState,
     payload: JobPayload,
     session_factory: sessionmaker[Session],
     storage: Storage,
     settings: Settings,
-) -> str:
-    exitcode = watch.exitcode
+) -> RunEnd:
+    exitcode = state.exitcode
     job_memory_mb = settings.job_memory_mb
     with session_factory() as session:
-        if watch.stop_reason == "lost":
-            return "lost"
-        if watch.stop_reason == "cancel":
-            return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
-        if watch.stop_reason == "timeout":
+        if state.stop_reason == "taken_over":
+            return RunEnd.TAKEN_OVER
+        if state.stop_reason == "cancel":
+            return (
+                RunEnd.CANCELLED
+                if mark_cancelled(session, job_id, owner=owner)
+                else RunEnd.TAKEN_OVER
+            )
+        if state.stop_reason == "timeout":
             minutes = payload.max_seconds / 60
             error = JobTimeout(
                 f"the job ran longer than training.max_minutes ({minutes:g}); raise max_minutes "
                 "or use fewer epochs or a smaller student"
             ).to_dict()
-            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
-        if watch.stop_reason == "memory":
+            return (
+                RunEnd.FAILED
+                if fail_job(session, job_id, error, owner=owner)
+                else RunEnd.TAKEN_OVER
+            )
+        if state.stop_reason == "memory":
             error = OutOfMemory(
-                f"the job process used {watch.last_rss / 2**20:.0f} MiB, over this worker's "
+                f"the job process used {state.last_rss / 2**20:.0f} MiB, over this worker's "
                 f"limit of {job_memory_mb} MiB (DISTILL_JOB_MEMORY_MB), and was stopped; use a "
                 "smaller batch_size or student, or a worker with more memory"
             ).to_dict()
-            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
-        if watch.stop_reason == "disk":
+            return (
+                RunEnd.FAILED
+                if fail_job(session, job_id, error, owner=owner)
+                else RunEnd.TAKEN_OVER
+            )
+        if state.stop_reason == "disk":
             error = OutOfDisk(
                 f"the job wrote more than this worker's limit of {settings.job_disk_mb} MiB "
                 "(DISTILL_JOB_DISK_MB) and was stopped; use a smaller student or fewer exports"
             ).to_dict()
-            return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
-        if watch.outcome is not None and exitcode == 0:
-            return _succeed(session, job_id, owner, attempt, watch.outcome, payload, storage)
-        if watch.error is not None:
+            return (
+                RunEnd.FAILED
+                if fail_job(session, job_id, error, owner=owner)
+                else RunEnd.TAKEN_OVER
+            )
+        if state.outcome is not None and exitcode == 0:
+            return _succeed(session, job_id, owner, attempt, state.outcome, payload, storage)
+        if state.error is not None:
             if _cancel_requested(session, job_id):
-                return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
-            return "failed" if fail_job(session, job_id, watch.error, owner=owner) else "lost"
+                return (
+                    RunEnd.CANCELLED
+                    if mark_cancelled(session, job_id, owner=owner)
+                    else RunEnd.TAKEN_OVER
+                )
+            return (
+                RunEnd.FAILED
+                if fail_job(session, job_id, state.error, owner=owner)
+                else RunEnd.TAKEN_OVER
+            )
         if exitcode is not None and exitcode < 0:
             limit = memory_limit_bytes(job_memory_mb)
-            if looks_out_of_memory(watch.last_rss, watch.last_available, limit):
+            if looks_out_of_memory(state.last_rss, state.last_available, limit):
                 error = OutOfMemory(
-                    f"the job process was killed while using {watch.last_rss / 2**20:.0f} MiB, "
+                    f"the job process was killed while using {state.last_rss / 2**20:.0f} MiB, "
                     "close to this worker's memory; use a smaller batch_size or student, or a "
                     "worker with more memory"
                 ).to_dict()
-                return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+                return (
+                    RunEnd.FAILED
+                    if fail_job(session, job_id, error, owner=owner)
+                    else RunEnd.TAKEN_OVER
+                )
             log.warning(
                 "the process of %s was killed by signal %d; the reconciler will retry it",
                 job_id,
                 -exitcode,
             )
-            return "left"
+            return RunEnd.LEFT_TO_RECONCILER
         error = {
             "code": "internal",
             "message": f"the job process exited with code {exitcode} without a result",
         }
-        return "failed" if fail_job(session, job_id, error, owner=owner) else "lost"
+        return RunEnd.FAILED if fail_job(session, job_id, error, owner=owner) else RunEnd.TAKEN_OVER
 
 
 def _cancel_requested(session: Session, job_id: str) -> bool:
@@ -639,7 +680,7 @@ def _succeed(
     outcome: Outcome,
     payload: JobPayload,
     storage: Storage,
-) -> str:
+) -> RunEnd:
     out_dir = Path(payload.out_dir).resolve()
     uploaded: list[NewArtifact] = []
     try:
@@ -659,15 +700,17 @@ def _succeed(
                 )
             )
         if finish_job(session, job_id, owner, outcome.result, uploaded):
-            return "succeeded"
+            return RunEnd.SUCCEEDED
     except BaseException:
         _delete_blobs(storage, uploaded)
         raise
     # Not ours to finish: cancelled meanwhile (keep no artifacts) or the lease was lost.
     _delete_blobs(storage, uploaded)
     if _cancel_requested(session, job_id):
-        return "cancelled" if mark_cancelled(session, job_id, owner=owner) else "lost"
-    return "lost"
+        return (
+            RunEnd.CANCELLED if mark_cancelled(session, job_id, owner=owner) else RunEnd.TAKEN_OVER
+        )
+    return RunEnd.TAKEN_OVER
 
 
 def _delete_blobs(storage: Storage, artifacts: list[NewArtifact]) -> None:

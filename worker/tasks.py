@@ -26,7 +26,10 @@ def lease_owner_id() -> str:
 
 @celery_app.task(name=RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> str:
-    """Claim the job and run it; a second delivery of the same id finds it claimed and returns."""
+    """Claim the job and run it; a second delivery of the same id finds it claimed and returns.
+
+    Returns how the run ended (:class:`worker.runner.RunEnd`), or ``skipped``.
+    """
     from worker.checkpoints import delete_checkpoints
     from worker.runner import open_storage, run_claimed_job
 

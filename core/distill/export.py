@@ -375,6 +375,7 @@ def load_safetensors_student(weights: Path, arch_path: Path | None = None) -> nn
     """
     from safetensors.torch import load_file
 
+    from core.distill.arch_weights import load_weights
     from core.distill.architectures import build_architecture
     from core.distill.compress import Float16Model
 
@@ -395,12 +396,7 @@ def load_safetensors_student(weights: Path, arch_path: Path | None = None) -> nn
     if description.get("quantization") == "fp16":
         model = Float16Model(model)
         state = {f"inner.{k}": v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelInvalid(
-            f"the weights do not fit architecture '{name}' with config {config}: {exc}"
-        ) from None
+    load_weights(model, state, name, config)
     model.distill_arch = {"name": name, "config": config}  # type: ignore[assignment]
     return model.eval()
 

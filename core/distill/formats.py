@@ -71,13 +71,18 @@ def detect_format(path: Path, declared: str | None = None) -> str:
     return found
 
 
-def _sniff(path: Path) -> str:
+def _head(path: Path) -> tuple[bytes, int]:
+    """The first 16 bytes of a file and its size."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
-            head = fh.read(16)
+            return fh.read(16), size
     except OSError as exc:
         raise ModelInvalid(f"cannot read the model file: {exc.strerror}") from None
+
+
+def _sniff(path: Path) -> str:
+    head, size = _head(path)
     if size == 0:
         raise ModelInvalid("the model file is empty; upload the saved model")
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -146,12 +151,7 @@ def _looks_like_safetensors(path: Path, head: bytes, size: int) -> bool:
     with path.open("rb") as fh:
         fh.seek(8)
         raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInvalid(f"the safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ModelInvalid("the safetensors header is not a JSON object")
+    header = json_object(raw, "the safetensors header")
     ends = [
         v["data_offsets"][1]
         for k, v in header.items()
@@ -166,11 +166,20 @@ def _looks_like_safetensors(path: Path, head: bytes, size: int) -> bool:
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors file's header (empty when absent)."""
-    with Path(path).open("rb") as fh:
+    """The ``__metadata__`` strings of a safetensors file's header (empty when absent), once the
+    file passes the checks of an upload: a JSON header of a sane length, and the whole data."""
+    path = Path(path)
+    if not _looks_like_safetensors(path, *_head(path)):
+        raise ModelInvalid(
+            "the file is not a safetensors file (no JSON header after the 8-byte length); "
+            "save it with safetensors.torch.save_file"
+        )
+    with path.open("rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelInvalid("the safetensors header's __metadata__ is not a JSON object")
     return {str(k): str(v) for k, v in meta.items()}
 
 
@@ -400,12 +409,17 @@ def check_exported_program_archive(path: Path) -> None:
 
 
 def _json_record(reader: Any, name: str, what: str) -> dict[str, Any]:
+    return json_object(reader.get_record(name), f"'{name}' in {what}")
+
+
+def json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, else ModelInvalid saying that ``what`` is not one."""
     try:
-        value = json.loads(reader.get_record(name))
+        value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInvalid(f"'{name}' in {what} is not valid JSON ({exc})") from None
+        raise ModelInvalid(f"{what} is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise ModelInvalid(f"'{name}' in {what} is not a JSON object")
+        raise ModelInvalid(f"{what} is not a JSON object")
     return value
 
 

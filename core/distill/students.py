@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.distill.arch_weights import load_arch_weights
 from core.distill.architectures import build_architecture, register_architecture
 from core.distill.formats import check_exported_program_archive, check_torchscript_archive
 from core.distill.operators import check_exported_program, check_torchscript
@@ -163,10 +164,25 @@ def _spatial(input_shape: list[int]) -> tuple[int, int | None, int | None]:
     return input_shape[0], input_shape[1], input_shape[2]
 
 
-class CNN(nn.Module):
-    """Conv blocks (conv3x3, batch norm, ReLU, max-pool while the map is large), global pooling."""
+class _ImageModel(nn.Module):
+    """The input side of the image presets: standardisation, and a channel axis for an (H, W)
+    input."""
 
     penultimate = "pool"
+
+    def __init__(self, input_shape: list[int], standardize: list[int] | None) -> None:
+        super().__init__()
+        self.standardize = _standardize(standardize)
+        self.channels_first = len(input_shape) == 3
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` standardised, as (N, C, H, W)."""
+        x = self.standardize(x)
+        return x if self.channels_first else x.unsqueeze(1)
+
+
+class CNN(_ImageModel):
+    """Conv blocks (conv3x3, batch norm, ReLU, max-pool while the map is large), global pooling."""
 
     def __init__(
         self,
@@ -177,9 +193,7 @@ class CNN(nn.Module):
         dropout: float = 0.0,
         standardize: list[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.standardize = _standardize(standardize)
-        self.channels_first = len(input_shape) == 3
+        super().__init__(input_shape, standardize)
         c, h, w = _spatial(input_shape)
         size = min(h or 64, w or 64)
         blocks = []
@@ -197,10 +211,7 @@ class CNN(nn.Module):
         self.attention_layers = list(self.hint_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.standardize(x)
-        if not self.channels_first:
-            x = x.unsqueeze(1)
-        return self.head(self.pool(self.blocks(x)))
+        return self.head(self.pool(self.blocks(self.image(x))))
 
 
 class BasicBlock(nn.Module):
@@ -223,10 +234,8 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(_ImageModel):
     """A small ResNet: a stem, three stages of ``depth`` basic blocks (width, 2·width, 4·width)."""
-
-    penultimate = "pool"
 
     def __init__(
         self,
@@ -237,9 +246,7 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
         standardize: list[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.standardize = _standardize(standardize)
-        self.channels_first = len(input_shape) == 3
+        super().__init__(input_shape, standardize)
         c, _, _ = _spatial(input_shape)
         self.stem = nn.Sequential(
             nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
@@ -259,10 +266,7 @@ class ResNet(nn.Module):
         self.attention_layers = list(self.hint_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.standardize(x)
-        if not self.channels_first:
-            x = x.unsqueeze(1)
-        return self.head(self.pool(self.stages(self.stem(x))))
+        return self.head(self.pool(self.stages(self.stem(self.image(x)))))
 
 
 class MaskedMean(nn.Module):
@@ -480,7 +484,7 @@ def _load_trainable(
         # train/eval behaviour is frozen at export time; an optimizer still trains it.
         model = program.module()
     elif fmt == "safetensors":
-        model = _load_safetensors(model_file)
+        model = load_arch_weights(model_file).model
     else:
         raise InvalidSpec(
             f"a {fmt} model can't be trained; upload the student as torchscript, "
@@ -493,23 +497,6 @@ def _load_trainable(
         raise ModelInvalid("the uploaded student has no parameters to train")
     if fmt != "exported_program":
         _check_output(model, shape, dtype, output_dim)
-    return model
-
-
-def _load_safetensors(model_file: ModelFile) -> nn.Module:
-    from safetensors.torch import load_file
-
-    if model_file.arch is None:
-        raise InvalidSpec(
-            "a safetensors student needs arch (a built-in architecture name)", field="student.arch"
-        )
-    model = build_architecture(model_file.arch, model_file.arch_config)
-    try:
-        model.load_state_dict(load_file(str(model_file.path)))
-    except RuntimeError as exc:
-        raise ModelInvalid(
-            f"the safetensors file does not match architecture '{model_file.arch}': {exc}"
-        ) from None
     return model
 
 

@@ -11,78 +11,47 @@ that may open untrusted files (a job's child process or the sandbox of
   layer (the penultimate features) and :meth:`describe_layers` lists the names that exist.
 
 Outputs are computed under ``torch.no_grad()`` rather than ``inference_mode`` so that they can
-be used as loss targets in a training graph.
+be used as loss targets in a training graph. The ONNX teacher is in
+:mod:`core.distill.onnx_teacher`; what every teacher shares, in :mod:`core.distill.teacher_io`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from core.distill.formats import (
-    check_exported_program_archive,
-    check_onnx_tensors,
-    check_torchscript_archive,
-    safetensors_metadata,
-)
+from core.distill.arch_weights import load_arch_weights
+from core.distill.formats import check_exported_program_archive, check_torchscript_archive
 from core.distill.operators import check_exported_program, check_torchscript
+from core.distill.teacher_io import (
+    DEFAULT_BATCH,
+    INPUT_SUFFIX,
+    chunks,
+    dtype_name,
+    first_tensor,
+    unknown_layer,
+)
 from core.distill.types import ModelFile, Teacher
 from core.errors import InvalidSpec, ModelInvalid
 from core.spec import ModelInfo, TensorInfo
 
-DEFAULT_BATCH = 1024
 # ModuleTeacher on the CPU: larger batches no longer fit the CPU's caches and cost more per
 # sample (a small CNN: 145 µs per image at 1024 against 85 µs at 128).
 CPU_BATCH = 128
-INPUT_SUFFIX = ":input"
 _LINEAR_TYPES = ("Linear", "LazyLinear")
-_TORCH_DTYPES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-    torch.int32: "int32",
-    torch.uint8: "uint8",
-    torch.bool: "bool",
-}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` → ``"float32"``."""
-    return _TORCH_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    """The model's main output when it returns a tuple, list or dict."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if isinstance(out, dict) and out:
-        return _first_tensor(next(iter(out.values())))
-    raise ModelInvalid(f"the model returned {type(out).__name__}, not a tensor")
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _unknown_layer(name: str, layers: list[str], hint: str = "") -> InvalidSpec:
-    shown = ", ".join(layers[:60]) + (" …" if len(layers) > 60 else "")
-    return InvalidSpec(
-        f"the teacher has no layer '{name}'{hint}; its layers are: {shown} "
-        f"(add '{INPUT_SUFFIX}' to a name for that layer's input)",
-        field="distillation.hints",
-        details={"layers": layers},
-    )
+def _outputs_only(
+    teacher: Teacher, x: torch.Tensor, names: list[str], refusal: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``features`` of a teacher that has no intermediate features: its outputs when no names
+    are asked for, else InvalidSpec with ``refusal``."""
+    if not names:
+        return teacher.predict(x), {}
+    raise InvalidSpec(refusal, field="distillation.method")
 
 
 class ModuleTeacher:
@@ -116,7 +85,7 @@ class ModuleTeacher:
         return shape[0] if shape and isinstance(shape[0], int) else None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _first_tensor(self.module(x))
+        return first_tensor(self.module(x))
 
     def _run(self, x: torch.Tensor, fn: Any) -> Any:
         """Call ``fn`` on batches of ``x`` (padded to a frozen batch size) and concatenate."""
@@ -128,7 +97,7 @@ class ModuleTeacher:
         if len(x) == 0 or (len(x) <= size and fixed in (None, len(x))):
             return fn(x)  # one batch: nothing to split or concatenate
         parts = []
-        for sl in _chunks(len(x), size):
+        for sl in chunks(len(x), size):
             xb = x[sl]
             if fixed is not None and len(xb) < fixed:
                 pad = xb.new_zeros((fixed - len(xb), *xb.shape[1:]))
@@ -176,7 +145,7 @@ class ModuleTeacher:
         layers = set(self.describe_layers())
         for name in names:
             if name.removesuffix(INPUT_SUFFIX) not in layers:
-                raise _unknown_layer(name, self.describe_layers())
+                raise unknown_layer(name, self.describe_layers())
 
         def forward(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             captured: dict[str, torch.Tensor] = {}
@@ -186,7 +155,7 @@ class ModuleTeacher:
                 want_input = name.endswith(INPUT_SUFFIX)
 
                 def hook(_m: nn.Module, inp: Any, out: Any, name=name, want_input=want_input):
-                    captured[name] = _first_tensor(inp if want_input else out)
+                    captured[name] = first_tensor(inp if want_input else out)
 
                 handles.append(self.module.get_submodule(path).register_forward_hook(hook))
             try:
@@ -218,162 +187,12 @@ class TorchScriptTeacher(ModuleTeacher):
     def features(
         self, x: torch.Tensor, names: list[str]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not names:
-            return self.predict(x), {}
-        raise InvalidSpec(
+        return _outputs_only(
+            self, x, names,
             "a TorchScript teacher cannot give intermediate features; upload the teacher as an "
             "exported_program (torch.export.save) for feature-based methods (fitnet, attention, "
             "rkd), or use an output method (kd, dkd, mse)",
-            field="distillation.method",
-        )
-
-
-class OnnxTeacher:
-    """An ONNX model run by onnxruntime; features are extra graph outputs named by tensor."""
-
-    def __init__(
-        self, path: Path, device: torch.device | str = "cpu", batch_size: int = DEFAULT_BATCH
-    ) -> None:
-        import onnx
-
-        self.model = onnx.load(str(path), load_external_data=False)
-        check_onnx_tensors(self.model)  # again in jobs: the file may predate the upload check
-        self.batch_size = batch_size
-        self.size_bytes = Path(path).stat().st_size
-        graph = self.model.graph
-        self.parameters = _onnx_parameters(self.model)
-        init_names = {t.name for t in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in init_names]
-        if len(inputs) != 1:
-            raise ModelInvalid(
-                f"the ONNX model has {len(inputs)} inputs ({[i.name for i in inputs]}); a teacher "
-                "takes exactly one input tensor"
-            )
-        self.input_name = inputs[0].name
-        self._sessions: dict[tuple[str, ...], Any] = {}
-        self.device = torch.device(device)
-        session = self._session(())
-        self.input_dtype = _ORT_NUMPY.get(session.get_inputs()[0].type, np.float32)
-        self.score_output, self._zipmap = _score_output(session)
-        self.info = self._info()
-
-    def _providers(self) -> list[str]:
-        import onnxruntime as ort
-
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-
-    def _session(self, extra: tuple[str, ...]) -> Any:
-        import onnx
-        import onnxruntime as ort
-
-        if extra not in self._sessions:
-            model = self.model
-            if extra:
-                model = onnx.ModelProto()
-                model.CopyFrom(self.model)
-                present = {o.name for o in model.graph.output}
-                for name in extra:
-                    if name not in present:
-                        model.graph.output.append(onnx.ValueInfoProto(name=name))
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self._sessions[extra] = ort.InferenceSession(
-                model.SerializeToString(), options, providers=self._providers()
-            )
-        return self._sessions[extra]
-
-    def _info(self) -> ModelInfo:
-        graph = self.model.graph
-        inp = next(i for i in graph.input if i.name == self.input_name)
-        outputs = sorted(graph.output, key=lambda o: o.name != self.score_output)
-        out_infos = [_onnx_tensor_info(o) for o in outputs]
-        if self._zipmap:
-            out_infos[0] = TensorInfo(shape=[None, None], dtype="float32")
-        return ModelInfo(
-            format="onnx",
-            inputs=[_onnx_tensor_info(inp)],
-            outputs=out_infos,
-            has_default_features=self.default_feature_layer() is not None,
-        )
-
-    def _fixed_batch(self) -> int | None:
-        shape = self.info.inputs[0].shape
-        return shape[0] if shape and isinstance(shape[0], int) else None
-
-    def _run_numpy(self, x: torch.Tensor, names: tuple[str, ...]) -> list[np.ndarray]:
-        arr = x.detach().cpu().numpy().astype(self.input_dtype, copy=False)
-        if len(arr) == 0:
-            raise ModelInvalid("predict got an empty batch; pass at least one sample")
-        fixed = self._fixed_batch()
-        size = fixed or self.batch_size
-        session = self._session(names)
-        wanted = [self.score_output, *[n for n in names if n != self.input_name]]
-        parts: list[list[np.ndarray]] = []
-        for sl in _chunks(len(arr), size):
-            xb = arr[sl]
-            n = len(xb)
-            if fixed is not None and n < fixed:
-                xb = np.concatenate([xb, np.zeros((fixed - n, *xb.shape[1:]), xb.dtype)])
-            outs = session.run(wanted, {self.input_name: xb})
-            if self._zipmap:
-                outs[0] = _zipmap_to_array(outs[0])
-            parts.append([np.asarray(o)[:n] for o in outs])
-        joined = [np.concatenate([p[i] for p in parts]) for i in range(len(wanted))]
-        by_name = dict(zip(wanted, joined, strict=True))
-        if self.input_name in names:
-            by_name[self.input_name] = arr
-        return [by_name[self.score_output], *[by_name[n] for n in names]]
-
-    def _scores(self, raw: np.ndarray) -> torch.Tensor:
-        out = torch.from_numpy(np.ascontiguousarray(raw)).float()
-        if _is_probabilities(out):
-            # Classifiers exported with a softmax (or skl2onnx's predict_proba) give
-            # probabilities; log-probabilities are logits up to a constant per row.
-            out = out.clamp_min(1e-7).log()
-        return out.to(self.device)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores for ``x`` (logits, or log-probabilities for a probability output)."""
-        return self._scores(self._run_numpy(x, ())[0])
-
-    def describe_layers(self) -> list[str]:
-        """Tensor names that :meth:`features` accepts (graph input and node outputs)."""
-        names = [self.input_name]
-        for node in self.model.graph.node:
-            names.extend(o for o in node.output if o)
-        return names
-
-    def default_feature_layer(self) -> str | None:
-        """The input tensor of the last Gemm/MatMul node (the penultimate features)."""
-        for node in reversed(self.model.graph.node):
-            if node.op_type in ("Gemm", "MatMul") and node.input:
-                return node.input[0]
-        return None
-
-    def features(
-        self, x: torch.Tensor, names: list[str]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scores plus the named intermediate tensors (extra outputs of a copy of the graph)."""
-        layers = self.describe_layers()
-        known = set(layers)
-        for name in names:
-            if name not in known:
-                raise _unknown_layer(name, layers, " (ONNX teachers name tensors)")
-        outs = self._run_numpy(x, tuple(names))
-        feats = {
-            n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-            for n, a in zip(names, outs[1:], strict=True)
-        }
-        return self._scores(outs[0]), feats
-
-    def to(self, device: torch.device | str) -> OnnxTeacher:
-        device = torch.device(device)
-        if device.type != self.device.type:
-            self._sessions.clear()
-        self.device = device
-        return self
+        )  # fmt: skip
 
 
 class EnsembleTeacher:
@@ -415,12 +234,10 @@ class EnsembleTeacher:
     def features(
         self, x: torch.Tensor, names: list[str]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not names:
-            return self.predict(x), {}
-        raise InvalidSpec(
+        return _outputs_only(
+            self, x, names,
             "feature-based methods need a single teacher; use kd, dkd or mse with an ensemble",
-            field="distillation.method",
-        )
+        )  # fmt: skip
 
     def describe_layers(self) -> list[str]:
         return []
@@ -447,7 +264,7 @@ def load_teacher(
     loaders = {
         "exported_program": _load_exported_program,
         "torchscript": _load_torchscript,
-        "onnx": lambda f, d, s: OnnxTeacher(f.path, d),
+        "onnx": _load_onnx,
         "safetensors": _load_safetensors,
         "hf": _load_hf,
     }
@@ -460,7 +277,15 @@ def load_teacher(
     return teacher
 
 
+def _load_onnx(file: ModelFile, device: torch.device, input_shape: Any) -> Teacher:
+    # onnx takes seconds to import, and only ONNX teachers need it.
+    from core.distill.onnx_teacher import OnnxTeacher
+
+    return OnnxTeacher(file.path, device)
+
+
 def _load_hf(file: ModelFile, device: torch.device, input_shape: Any) -> Teacher:
+    # hf.models builds its teacher on ModuleTeacher (this module): imported here, not above.
     from core.distill.hf.models import load_hf_teacher
 
     return load_hf_teacher(file, device)
@@ -527,48 +352,12 @@ def _load_torchscript(
 def _load_safetensors(
     file: ModelFile, device: torch.device, input_shape: Sequence[int | None] | None
 ) -> ModuleTeacher:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from core.distill.architectures import architecture_names, build_architecture
-
-    meta = safetensors_metadata(file.path)
-    arch = file.arch or meta.get("distill_arch")
-    if not arch:
-        raise ModelInvalid(
-            "a safetensors file holds weights only: give 'arch' naming the built-in "
-            f"architecture they fit (one of: {', '.join(architecture_names())}) and its config"
-        )
-    config = file.arch_config
-    if config is None and meta.get("distill_arch_config") and arch == meta.get("distill_arch"):
-        try:
-            config = json.loads(meta["distill_arch_config"])
-        except json.JSONDecodeError:
-            raise ModelInvalid("the file's distill_arch_config metadata is not JSON") from None
-    model = build_architecture(arch, config or {})
-    try:
-        state = load_file(str(file.path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelInvalid(f"the safetensors file cannot be read: {exc}") from None
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelInvalid(
-            f"the weights do not fit architecture '{arch}' with config {config or {}}: "
-            f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; give the arch "
-            "config the weights were trained with",
-            details={"missing": missing, "unexpected": unexpected},
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelInvalid(
-            f"the weights do not fit architecture '{arch}' with config {config or {}}: {exc}"
-        ) from None
+    loaded = load_arch_weights(file)
+    model, arch, config = loaded.model, loaded.arch, loaded.config
     # The presets take the sample shape as ``input_shape`` (token models: ``tokens=True``).
-    declared = (config or {}).get("input_shape") or getattr(model, "input_shape", None)
+    declared = config.get("input_shape") or getattr(model, "input_shape", None)
     inp = input_info(model, input_shape or declared)
-    if (config or {}).get("tokens"):
+    if config.get("tokens"):
         inp = TensorInfo(shape=inp.shape, dtype="int64")
     info = ModelInfo(
         format="safetensors",
@@ -578,7 +367,7 @@ def _load_safetensors(
         arch=arch,
     )
     teacher = ModuleTeacher(model, info, size_bytes=file.path.stat().st_size)
-    teacher.arch_config = dict(config or {})  # type: ignore[attr-defined]
+    teacher.arch_config = dict(config)  # type: ignore[attr-defined]
     return teacher.to(device)
 
 
@@ -642,82 +431,6 @@ def _fake_info(val: Any) -> TensorInfo:
         return TensorInfo(shape=None, dtype="float32")
     shape = [int(d) if isinstance(d, int) else None for d in val.shape]
     return TensorInfo(shape=shape, dtype=dtype_name(val.dtype))
-
-
-_ORT_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-def _onnx_tensor_info(value: Any) -> TensorInfo:
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    ttype = value.type.tensor_type
-    if not value.type.HasField("tensor_type"):
-        return TensorInfo(shape=None, dtype="float32")
-    dtype = str(tensor_dtype_to_np_dtype(ttype.elem_type)) if ttype.elem_type else "float32"
-    if not ttype.HasField("shape"):
-        return TensorInfo(shape=None, dtype=dtype)
-    shape = [
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-        for d in ttype.shape.dim
-    ]
-    return TensorInfo(shape=shape, dtype=dtype)
-
-
-def _onnx_parameters(model: Any) -> int:
-    """Elements of the initializers, Constant tensors and ai.onnx.ml weight attributes
-    (skl2onnx keeps a linear model's coefficients in node attributes)."""
-    from onnx import AttributeProto
-
-    total = sum(math.prod(t.dims) for t in model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.TENSOR:
-                total += math.prod(attr.t.dims)
-            elif attr.type == AttributeProto.FLOATS and node.domain == "ai.onnx.ml":
-                total += len(attr.floats)
-    return total
-
-
-def _score_output(session: Any) -> tuple[str, bool]:
-    """The output holding scores: a float tensor of shape (N, k), else a ZipMap of scores."""
-    outs = session.get_outputs()
-    floats = [o for o in outs if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")]
-    for o in floats:
-        if len(o.shape) == 2:
-            return o.name, False
-    if floats:
-        return floats[0].name, False
-    for o in outs:
-        if o.type.startswith("seq(map("):
-            return o.name, True
-    raise ModelInvalid(
-        f"the ONNX model has no float output to learn from (outputs: "
-        f"{[(o.name, o.type) for o in outs]})"
-    )
-
-
-def _zipmap_to_array(rows: list[dict[Any, float]]) -> np.ndarray:
-    """skl2onnx's ZipMap output (one {class: probability} dict per row) as an (N, k) array."""
-    if not rows:
-        return np.zeros((0, 0), np.float32)
-    keys = sorted(rows[0])
-    return np.array([[row[k] for k in keys] for row in rows], dtype=np.float32)
-
-
-def _is_probabilities(out: torch.Tensor) -> bool:
-    if out.ndim != 2 or out.shape[1] < 2 or len(out) == 0:
-        return False
-    return bool((out >= 0).all()) and bool(
-        torch.allclose(out.sum(1), out.new_ones(len(out)), atol=1e-3)
-    )
 
 
 def _state_bytes(module: nn.Module) -> int:

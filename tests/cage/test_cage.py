@@ -117,7 +117,7 @@ def test_a_job_process_reaches_no_file_socket_or_secret(
         dataset = s.get(Dataset, s.get(Job, job_id).spec["dataset_id"])
         Path(env.storage.path(dataset.storage_key)).write_text(json.dumps(targets))
     from core.jobs import claim_job
-    from worker.runner import run_claimed_job
+    from worker.runner import RunEnd, run_claimed_job
 
     with env.sessions() as s:
         assert claim_job(s, job_id, "w1", 30) is not None
@@ -129,7 +129,7 @@ def test_a_job_process_reaches_no_file_socket_or_secret(
         storage=env.storage,
         engine="tests.cage.probe:run_job",
     )
-    assert status == "succeeded"
+    assert status == RunEnd.SUCCEEDED
     found = env.job(job_id).result
     _assert_nothing_reached(found, target)
     assert found["inputs_writable"] is False

@@ -20,7 +20,7 @@ from core.storage import get_storage
 from tests.service.helpers import make_tenant, migrate
 from worker.checkpoints import checkpoint_prefix
 from worker.reconciler import reconcile
-from worker.runner import run_claimed_job
+from worker.runner import RunEnd, run_claimed_job
 
 pytestmark = pytest.mark.service
 FAKE_ENGINE = "tests.service.fake_engine:run_job"
@@ -86,7 +86,7 @@ class Env:
             s.commit()
             return job.id
 
-    def claim_and_run(self, job_id: str, owner: str = "w1") -> str:
+    def claim_and_run(self, job_id: str, owner: str = "w1") -> RunEnd:
         with self.sessions() as s:
             assert claim_job(s, job_id, owner, self.settings.lease_seconds) is not None
         return run_claimed_job(
@@ -127,7 +127,7 @@ def env(tmp_path: Path) -> Env:
 
 def test_success_records_events_artifacts_and_cleans_up(env: Env) -> None:
     job_id = env.submit("ok")
-    assert env.claim_and_run(job_id) == "succeeded"
+    assert env.claim_and_run(job_id) == RunEnd.SUCCEEDED
     job = env.job(job_id)
     assert job.status == "succeeded" and job.finished_at is not None
     assert job.result["student"] == {"accuracy": 0.5}
@@ -149,14 +149,20 @@ def test_success_records_events_artifacts_and_cleans_up(env: Env) -> None:
     assert not (env.settings.data_dir / "work" / job_id).exists()
 
 
-def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -> None:
-    job_id = env.submit("slow")
-    outcome: list[str] = []
+def _run_in_thread(env: Env, job_id: str) -> tuple[threading.Thread, list[RunEnd]]:
+    """Claim and run the job in a thread; return once its engine has reported epoch 3."""
+    outcome: list[RunEnd] = []
     runner = threading.Thread(target=lambda: outcome.append(env.claim_and_run(job_id)))
     runner.start()
     deadline = time.monotonic() + 60
     while env.job(job_id).metrics.get("epoch") != 3 and time.monotonic() < deadline:
         time.sleep(0.1)
+    return runner, outcome
+
+
+def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -> None:
+    job_id = env.submit("slow")
+    runner, outcome = _run_in_thread(env, job_id)
     with env.sessions() as s:
         assert request_cancel(s, s.get(Job, job_id)).status == "cancelling"
     asked = time.monotonic()
@@ -165,15 +171,28 @@ def test_cancel_stops_a_running_job_within_seconds_without_artifacts(env: Env) -
     took = time.monotonic() - asked
     runner.join(10)
     assert env.job(job_id).status == "cancelled" and took < 5, took
-    assert outcome == ["cancelled"]
+    assert outcome == [RunEnd.CANCELLED]
     assert env.artifacts(job_id) == [] and env.blobs_under(f"jobs/{job_id}/attempt-1") == []
     assert env.blobs_under(checkpoint_prefix(job_id)) == []
+
+
+def test_a_job_another_worker_holds_is_stopped_and_left_as_it_is(env: Env) -> None:
+    job_id = env.submit("slow")
+    runner, outcome = _run_in_thread(env, job_id)
+    with env.sessions() as s:  # the lease expired and another worker claimed the job
+        s.get(Job, job_id).lease_owner = "w2"
+        s.commit()
+    runner.join(30)
+    assert outcome == [RunEnd.TAKEN_OVER]
+    job = env.job(job_id)
+    assert (job.status, job.lease_owner, job.error) == ("running", "w2", None)
+    assert env.artifacts(job_id) == []
 
 
 def test_a_hung_engine_is_killed_at_max_minutes(env: Env) -> None:
     job_id = env.submit("hang", max_minutes=0.02)
     started = time.monotonic()
-    assert env.claim_and_run(job_id) == "failed"
+    assert env.claim_and_run(job_id) == RunEnd.FAILED
     assert time.monotonic() - started < 20
     job = env.job(job_id)
     assert job.error["code"] == "timeout" and "max_minutes" in job.error["message"]
@@ -182,7 +201,7 @@ def test_a_hung_engine_is_killed_at_max_minutes(env: Env) -> None:
 
 def test_an_engine_error_becomes_the_jobs_error(env: Env) -> None:
     job_id = env.submit("diverge")
-    assert env.claim_and_run(job_id) == "failed"
+    assert env.claim_and_run(job_id) == RunEnd.FAILED
     job = env.job(job_id)
     assert job.error == {
         "code": "training_diverged",
@@ -193,7 +212,7 @@ def test_an_engine_error_becomes_the_jobs_error(env: Env) -> None:
 
 def test_a_killed_job_is_retried_by_the_reconciler_and_resumes(env: Env) -> None:
     job_id = env.submit("crash-once")
-    assert env.claim_and_run(job_id) == "left"
+    assert env.claim_and_run(job_id) == RunEnd.LEFT_TO_RECONCILER
     assert env.job(job_id).status == "running"  # the reconciler's to settle
     assert env.blobs_under(checkpoint_prefix(job_id)) != []
     sent: list[str] = []
@@ -203,7 +222,7 @@ def test_a_killed_job_is_retried_by_the_reconciler_and_resumes(env: Env) -> None
     )
     assert counts["requeued"] == 1 and sent == [job_id]
     # Another worker takes the re-sent job and resumes from the uploaded checkpoint.
-    assert env.claim_and_run(job_id, owner="w2") == "succeeded"
+    assert env.claim_and_run(job_id, owner="w2") == RunEnd.SUCCEEDED
     job = env.job(job_id)
     assert job.attempt == 2 and job.result["resumed_from"] == "epoch 1"
     assert {a.storage_key.split("/")[2] for a in env.artifacts(job_id)} == {"attempt-2"}

@@ -9,13 +9,13 @@ entry that would land outside the folder, a link, or more bytes than the limit.
 
 from __future__ import annotations
 
-import json
 import shutil
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from core.distill.formats import json_object
 from core.errors import ModelInvalid, UnsafeModelFile
 
 MAX_UNCOMPRESSED_BYTES = 16 * 1024**3
@@ -64,12 +64,7 @@ def check_hf_archive(path: Path) -> dict[str, Any]:
             raw = zf.read(info)
     except zipfile.BadZipFile as exc:
         raise ModelInvalid(f"the zip cannot be read ({exc}); upload it again") from None
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInvalid(f"config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelInvalid("config.json is not a JSON object")
+    config = json_object(raw, "config.json")
     check_config(config)
     return config
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from core.distill.hf.archive import check_config, extract_hf_archive
+from core.distill.teacher_io import unknown_layer
 from core.distill.teachers import ModuleTeacher
 from core.distill.types import ModelFile
 from core.errors import ModelInvalid
@@ -207,12 +208,10 @@ class HFTeacher(ModuleTeacher):
         return f"hidden_states.{self.hf['num_layers']}"
 
     def features(self, x: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        from core.distill.teachers import _unknown_layer
-
         known = set(self.describe_layers())
         for name in names:
             if name not in known:
-                raise _unknown_layer(name, self.describe_layers())
+                raise unknown_layer(name, self.describe_layers())
         hidden = any(n.startswith("hidden_states.") for n in names)
         attentions = any(n.startswith("attentions.") for n in names)
 
