@@ -87,7 +87,7 @@ def run_job(spec: Path, out: Path) -> dict[str, Any]:
     """One `distill run` in its own process; its result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "-m", "client.cli", "run", str(spec), "--out", str(out), "--json"],
+        [sys.executable, "-m", "cli", "run", str(spec), "--out", str(out), "--json"],
         check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return json.loads((out / "report.json").read_text())["result"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.demo_cmd import make_files
+from cli.demo_cmd import make_files
 
 HERE = Path(__file__).resolve().parent
 

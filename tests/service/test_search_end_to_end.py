@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.cli import app as cli
+from cli.app import app as cli
 from client.sdk import Client
 from core.auth import create_key
 from core.db import session_factory

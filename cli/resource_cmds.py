@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from client.cli import app
+from cli.app import app
 from client.errors import DistillAPIError
 from client.sdk import Client, Event, Job, Resource, sha256_file
 
@@ -374,7 +374,7 @@ def job_table(jobs: list[Job]) -> Table:
 
 def finish(job: Job, as_json: bool) -> None:
     """Print a terminal job (result tables, or its error) and exit 1 unless it succeeded."""
-    from client.render import render_result
+    from cli.render import render_result
 
     if as_json:
         print_json(job.to_dict())
@@ -438,7 +438,7 @@ def jobs_show(
     job_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
 ) -> None:
     """Show a job: status, progress, latest metrics, and the result or error."""
-    from client.render import render_result
+    from cli.render import render_result
 
     with errors(), connect(url, api_key) as client:
         job = client.jobs.get(job_id)
@@ -536,7 +536,7 @@ def jobs_download(
     as_json: AsJson = False,
 ) -> None:
     """Download a job's artifacts (checked against their sha256; partial files are resumed)."""
-    from client.render import human_bytes
+    from cli.render import human_bytes
 
     files = []
     with errors(), connect(url, api_key) as client:

@@ -25,7 +25,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from client.cli import app
+from cli.app import app
 from client.errors import DistillAPIError
 
 LABELLED = 100  # training images that keep their label; the rest are the unlabeled transfer set
@@ -129,7 +129,7 @@ def embedded_service(data_dir: Path, log_path: Path) -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
     env.update(DISTILL_AUTH="off", DISTILL_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "client.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -177,8 +177,8 @@ def demo(
     """Distil a digits CNN into a small MLP on the service, end to end, in about a minute."""
     import warnings
 
-    from client.render import render_result
-    from client.resource_cmds import api_failure, fail
+    from cli.render import render_result
+    from cli.resource_cmds import api_failure, fail
     from client.sdk import Client
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from client.cli import app
-from client.resource_cmds import (
+from cli.app import app
+from cli.resource_cmds import (
     After,
     All,
     ApiKey,
