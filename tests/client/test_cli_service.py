@@ -216,7 +216,7 @@ def test_a_baseline_that_beats_the_student_is_a_warning_line(
     import numpy as np
     import torch
 
-    from tests.conftest import DigitsCNN, train_classifier
+    from cli.digits import DigitsCNN, train_classifier
     from tests.core.model_files import save_exported_program
 
     data = np.load(uploaded["data_path"])
