@@ -115,8 +115,8 @@ def demo(
     import warnings
 
     from cli.digits import make_files
+    from cli.remote import api_failure, fail
     from cli.render import render_result
-    from cli.resource_cmds import api_failure, fail
     from client.sdk import Client
 
     warnings.filterwarnings("ignore", category=FutureWarning)
