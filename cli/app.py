@@ -1,4 +1,8 @@
-"""The `distill` command line (typer). Each group of commands lives in its own module."""
+"""The `distill` command line (typer): the app that the command modules register on.
+
+resource_cmds and search_cmds call the service through the SDK (client/); run_cmd runs the engine
+on this machine; demo_cmd runs the demo; serve_cmds and service_cmds start the service's parts.
+"""
 
 from __future__ import annotations
 
