@@ -27,6 +27,7 @@ COPY core ./core
 COPY api ./api
 COPY worker ./worker
 COPY client ./client
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install .
 

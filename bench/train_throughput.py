@@ -50,14 +50,14 @@ def make_data(n_train: int, n_test: int, seed: int) -> dict[str, torch.Tensor]:
     Train and test images come from disjoint halves of the original digits, so the test
     accuracy is measured on digits neither network has seen in any form.
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    bunch = load_digits()
-    x = torch.from_numpy((bunch.images / 16.0).astype(np.float32))[:, None]
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    from cli.digits import digits_arrays
+
+    x_np, y_np = digits_arrays()
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     idx_tr, idx_te = train_test_split(
-        np.arange(len(x)), test_size=0.3, random_state=seed, stratify=bunch.target
+        np.arange(len(x)), test_size=0.3, random_state=seed, stratify=y_np
     )
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr = _jitter(x[idx_tr], y[idx_tr], n_train, gen)
@@ -85,30 +85,11 @@ def _jitter(
 # --- networks ----------------------------------------------------------------------------------
 
 
-class Teacher(nn.Module):
-    """A small CNN; ``width`` sets its cost relative to the student."""
+def make_teacher(width: int) -> nn.Module:
+    """The digits CNN for 16×16 inputs; ``width`` sets its cost relative to the student."""
+    from cli.digits import DigitsCNN
 
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(2 * width * (SIDE // 4) ** 2, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    return DigitsCNN(width, side=SIDE, pool="max")
 
 
 def make_student() -> nn.Module:
@@ -130,7 +111,7 @@ def train_teacher(
     x: torch.Tensor, y: torch.Tensor, width: int, epochs: int, device: torch.device, seed: int
 ) -> nn.Module:
     torch.manual_seed(seed)
-    model = Teacher(width).to(device)
+    model = make_teacher(width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(epochs):
         perm = torch.randperm(len(x))
@@ -235,7 +216,8 @@ def choose_teacher_width(
     best, best_gap = WIDTHS[0], math.inf
     for width in WIDTHS:
         torch.manual_seed(0)
-        ratio = cost_ratio(Teacher(width).to(device).eval(), x, device, precision, reps=10)["ratio"]
+        teacher = make_teacher(width).to(device).eval()
+        ratio = cost_ratio(teacher, x, device, precision, reps=10)["ratio"]
         gap = abs(math.log(ratio / target))
         if gap < best_gap:
             best, best_gap = width, gap

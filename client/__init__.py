@@ -1,1 +1,1 @@
-"""The Python SDK and the `distill` command line."""
+"""The Python SDK of the distill service: an HTTP client of its API, nothing else."""

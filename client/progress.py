@@ -1,11 +1,88 @@
-"""A service job's progress on the terminal: API events and job objects fed to JobProgress."""
+"""A job's progress on the terminal: a rich bar fed with events (the engine's or the API's)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+
+class ProgressEvent(Protocol):
+    """What the bar reads from an event: the engine's and the SDK's events both have these."""
+
+    type: str
+    data: dict[str, Any]
+
+
+class JobProgress:
+    """A live progress bar fed with events: stage, epoch, loss, val metric, ETA.
+
+    Use as a context manager and pass the instance as the engine's ``progress`` callback.
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[epoch]}"),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[metric]}"),
+            TextColumn("{task.fields[eta]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(
+            "starting", total=1.0, epoch="", loss="", metric="", eta=""
+        )
+
+    def __enter__(self) -> JobProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        data = event.data
+        if event.type == "log":
+            self._progress.console.print(f"[dim]{data.get('message', '')}[/dim]")
+        elif event.type == "progress":
+            label = data.get("label") or f"stage {data.get('stage', 1)}/{data.get('stages', 1)}"
+            eta = data.get("eta_seconds")
+            fields: dict[str, str] = {"eta": f"ETA {_duration(eta)}" if eta is not None else ""}
+            if data.get("epochs"):
+                fields["epoch"] = f"epoch {data.get('epoch', 0)}/{data['epochs']}"
+            self._progress.update(
+                self._task,
+                completed=float(data.get("fraction") or 0.0),
+                description=str(label),
+                **fields,
+            )
+        elif event.type == "metrics":
+            updates: dict[str, str] = {}
+            if data.get("train_loss") is not None:
+                updates["loss"] = f"loss {float(data['train_loss']):.4f}"
+            for key in ("val_accuracy", "val_mse"):
+                if data.get(key) is not None:
+                    updates["metric"] = f"{key} {float(data[key]):.4f}"
+                    break
+            self._progress.update(self._task, **updates)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(float(seconds))))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class ProgressFeed:
@@ -23,8 +100,6 @@ class ProgressFeed:
 
     def __enter__(self) -> ProgressFeed:
         if self.enabled:
-            from client.render import JobProgress
-
             self._bar = JobProgress(self.console)
             self._bar.__enter__()
         return self

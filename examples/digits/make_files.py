@@ -4,7 +4,7 @@ The teacher is the one `distill demo` uses: a small CNN trained on sklearn's dig
 validation accuracy, about ten seconds on a laptop CPU), saved with ``torch.export`` with a
 dynamic batch dimension. The transfer set keeps every training image (1,258 of the 1,797) but
 only ``--labelled`` of their labels (the others are -1), plus a labelled validation split.
-See ``make_files`` in ``client/demo_cmd.py`` for the recipe.
+See ``make_files`` in ``cli/digits.py`` for the recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.demo_cmd import make_files
+from cli.digits import make_files
 
 HERE = Path(__file__).resolve().parent
 

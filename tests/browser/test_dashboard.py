@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli.digits import DigitsCNN, train_classifier
 from core.spec import TrainingSpec
 from tests.browser.conftest import Service, screenshot, with_key
-from tests.conftest import DigitsCNN, train_classifier
 from tests.core.model_files import save_exported_program, save_pickled_model
 from tests.service.helpers import migrate, service_env, start_api
 

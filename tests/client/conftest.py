@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from cli.digits import DigitsCNN
 from client.sdk import Client
 from core.auth import create_key
 from core.db import session_factory
-from tests.conftest import DigitsCNN
 from tests.core.model_files import save_exported_program
 from tests.service.helpers import Proc, migrate, service_env, start_api, start_worker
 
@@ -52,7 +52,7 @@ def tiny_spec(teacher_id: str, dataset_id: str, epochs: int = 2, **training: Any
 
 def write_files(folder: Path) -> tuple[Path, Path]:
     """An (untrained) narrow DigitsCNN as teacher.pt2 and 300 digits as digits.npz."""
-    from core.distill.data import digits_arrays
+    from cli.digits import digits_arrays
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
-from client.cli import app
+from cli.app import app
 from client.sdk import Job
 from tests.client.conftest import Service, tiny_spec
 from tests.service.helpers import ROOT
@@ -193,14 +193,14 @@ def test_entry_point_exit_code_and_message(service: Service, finished_job: Job) 
     """The installed `distill` command, as a process: JSON out, one-line errors, exit codes."""
     env = {"DISTILL_URL": service.url, "DISTILL_API_KEY": service.key, "PATH": "/usr/bin:/bin"}
     ok = subprocess.run(
-        [sys.executable, "-m", "client.cli", "jobs", "show", finished_job.id, "--json"],
+        [sys.executable, "-m", "cli", "jobs", "show", finished_job.id, "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["id"] == finished_job.id
     env["DISTILL_API_KEY"] = "dk_not_a_key"
     denied = subprocess.run(
-        [sys.executable, "-m", "client.cli", "jobs", "list"],
+        [sys.executable, "-m", "cli", "jobs", "list"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert denied.returncode == 1
@@ -216,7 +216,7 @@ def test_a_baseline_that_beats_the_student_is_a_warning_line(
     import numpy as np
     import torch
 
-    from tests.conftest import DigitsCNN, train_classifier
+    from cli.digits import DigitsCNN, train_classifier
     from tests.core.model_files import save_exported_program
 
     data = np.load(uploaded["data_path"])

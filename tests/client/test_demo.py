@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.demo_cmd import answers
+from cli.demo_cmd import answers
 from tests.service.helpers import ROOT, service_env
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_and_stops_its_service(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     # Nothing answers on port 1, so the demo starts (and must stop) its own service.
     proc = subprocess.run(
-        [sys.executable, "-m", "client.cli", "demo", "--url", "http://127.0.0.1:1",
+        [sys.executable, "-m", "cli", "demo", "--url", "http://127.0.0.1:1",
          "--out", str(out), "--epochs", "4"],
         cwd=ROOT, env=service_env(), capture_output=True, text=True, timeout=420,
     )  # fmt: skip

@@ -14,14 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.distill.data import (
-    dataset_info,
-    digits_transfer_set,
-    encode_texts,
-    load_transfer_set,
-    split_indices,
-    write_digits_npz,
-)
+from cli.digits import write_digits_npz
+from core.distill.data import dataset_info, encode_texts, load_transfer_set, split_indices
 from core.errors import DatasetInvalid
 
 
@@ -236,11 +230,3 @@ def test_split_is_stratified_and_deterministic() -> None:
     # Unlabeled rows are spread, not taken from one end.
     unlabeled_val = val[y[val] == -1]
     assert unlabeled_val.min() < 130 and unlabeled_val.max() > 170
-
-
-def test_digits_transfer_set_with_few_labels() -> None:
-    ts = digits_transfer_set(label_fraction=0.2, seed=0)
-    assert ts.x_train.shape[1:] == (1, 8, 8) and ts.n_classes == 10
-    assert 0.19 < (ts.y_train >= 0).float().mean().item() < 0.22
-    assert (ts.y_val >= 0).all()
-    assert len(ts.x_val) == pytest.approx(180, abs=5)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from cli.digits import train_classifier
 from core.distill.architectures import build_architecture
 from core.distill.compress import prune, quantize
 from core.distill.evaluate import predict, quality_metrics
@@ -24,7 +25,6 @@ from core.distill.export import (
     write_report,
 )
 from core.errors import ExportFailed
-from tests.conftest import train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from cli.digits import DigitsCNN
 from core.distill.formats import (
     check_archive_names,
     check_exported_program_archive,
@@ -25,7 +26,6 @@ from core.distill.students import _load_trainable
 from core.distill.teachers import load_teacher
 from core.distill.types import ModelFile
 from core.errors import ModelInvalid, UnsafeModelFile
-from tests.conftest import DigitsCNN
 from tests.core.model_files import (
     save_all_formats,
     save_duplicate_config_attack,

@@ -410,7 +410,7 @@ def test_distill_run_writes_the_unzipped_folder(
     from transformers import AutoModelForSequenceClassification
     from typer.testing import CliRunner
 
-    from client.cli import app
+    from cli.app import app
 
     spec = {
         "teacher": {"path": str(teacher_zip)},

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli.digits import DigitsCNN
 from core.distill.architectures import build_architecture
 from core.distill.operators import allowed_operators, check_exported_program, check_torchscript
 from core.distill.students import _load_trainable
 from core.distill.teachers import load_teacher
 from core.distill.types import ModelFile
 from core.errors import UnsafeModelFile
-from tests.conftest import DigitsCNN
 from tests.core.model_files import (
     save_exported_file_reader,
     save_exported_program,

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from cli.digits import DigitsCNN, train_classifier
 from core.distill.evaluate import VERDICTS
 from core.distill.pipeline import run_job
 from core.distill.types import Event, ModelFile
 from core.errors import Cancelled, ShapeMismatch
 from core.spec import parse_spec
-from tests.conftest import DigitsCNN, train_classifier
 
 QUALITY_KEYS = {"accuracy", "f1_macro", "parameters", "size_bytes"}
 SPEED_KEYS = {"latency_ms_p50", "throughput_per_s"}

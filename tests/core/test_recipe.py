@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cli.digits import DigitsCNN, train_classifier
 from core.distill.pipeline import run_job
 from core.distill.students import build_student
 from core.distill.teachers import load_teacher
 from core.distill.types import ModelFile
 from core.spec import StudentSpec, parse_spec
-from tests.conftest import DigitsCNN, train_classifier
 
 
 @pytest.fixture(scope="module", autouse=True)

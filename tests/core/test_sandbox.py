@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from cli.digits import DigitsCNN
 from core.distill.architectures import build_architecture
 from core.distill.inspect import inspect_dataset_file, inspect_model_file
 from core.distill.sandbox import keep_warm, run_sandboxed, stop_warm
 from core.errors import DatasetInvalid, InvalidSpec, ModelInvalid, UnsafeModelFile
-from tests.conftest import DigitsCNN
 from tests.core.model_files import (
     save_all_formats,
     save_malicious_torch_save,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from cli.digits import DigitsCNN
 from core.distill.architectures import build_architecture
 from core.distill.teachers import EnsembleTeacher, ModuleTeacher, load_teacher
 from core.distill.types import ModelFile
 from core.errors import InvalidSpec, ModelInvalid
 from core.spec import ModelInfo, TensorInfo
-from tests.conftest import DigitsCNN
 from tests.core.model_files import (
     save_all_formats,
     save_exported_program,

@@ -20,9 +20,9 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
+from cli.digits import DigitsCNN, train_classifier
 from core.db import session_factory
 from core.models import Artifact, Job, JobEvent
-from tests.conftest import DigitsCNN, train_classifier
 from tests.core.model_files import save_torchscript
 from tests.service.helpers import Proc, service_env, start_api
 from worker.celery_app import celery_command, control_argv, worker_argv
@@ -210,7 +210,7 @@ def kill_group(proc: Proc) -> None:
 
 def write_inputs(folder: Path) -> dict[str, Path]:
     """A tiny trained TorchScript teacher, a hanging one, and the digits as an .npz."""
-    from core.distill.data import digits_arrays, write_digits_npz
+    from cli.digits import digits_arrays, write_digits_npz
 
     folder.mkdir(parents=True, exist_ok=True)
     x, y = digits_arrays()

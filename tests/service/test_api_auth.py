@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from client.cli import app as cli
+from cli.app import app as cli
 from core.auth import hash_key, revoke_key
 from core.models import ApiKey, Tenant
 from tests.service.api_support import (
@@ -153,7 +153,7 @@ def test_keys_create_on_a_fresh_data_dir_sets_the_database_up_first(tmp_path: Pa
     # The first command of a user who turns auth on, before the service has ever started.
     data = tmp_path / "fresh"
     env = service_env(data_dir=str(data))
-    cli_cmd = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+    cli_cmd = [sys.executable, "-c", "from cli.app import app; app(prog_name='distill')"]
     created = subprocess.run(
         [*cli_cmd, "keys", "create", "--tenant", "acme"],
         env=env,

@@ -21,9 +21,9 @@ import pytest
 import redis
 import torch
 
+from cli.digits import DigitsCNN, train_classifier
 from core.auth import create_key
 from core.db import session_factory
-from tests.conftest import DigitsCNN, train_classifier
 from tests.core.model_files import save_exported_program, save_onnx
 from tests.service.helpers import fresh_postgres, migrate, service_env, start_api, start_worker
 

@@ -20,7 +20,7 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import DigitsCNN
+from cli.digits import DigitsCNN
 from tests.core.model_files import (
     save_duplicate_config_attack,
     save_exported_file_reader,

@@ -13,7 +13,7 @@ from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
-from client.cli import app as cli
+from cli.app import app as cli
 from core.db import get_engine
 from core.models import Base
 from core.schema import (

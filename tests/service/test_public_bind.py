@@ -16,7 +16,7 @@ from tests.service.helpers import Proc, free_port, migrate, service_env
 
 pytestmark = pytest.mark.service
 
-CLI = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+CLI = [sys.executable, "-c", "from cli.app import app; app(prog_name='distill')"]
 
 
 @pytest.mark.parametrize("command", ["api", "serve"])

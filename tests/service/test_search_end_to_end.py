@@ -21,11 +21,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.cli import app as cli
+from cli.app import app as cli
+from cli.digits import DigitsCNN, train_classifier
 from client.sdk import Client
 from core.auth import create_key
 from core.db import session_factory
-from tests.conftest import DigitsCNN, train_classifier
 from tests.core.model_files import save_exported_program
 from tests.service.helpers import migrate, service_env, start_api, start_worker
 

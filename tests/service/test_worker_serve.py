@@ -20,7 +20,7 @@ pytestmark = pytest.mark.service
 def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
-    cli = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+    cli = [sys.executable, "-c", "from cli.app import app; app(prog_name='distill')"]
     serve = Proc(
         "serve",
         [*cli, "serve", "--port", str(port), "--data-dir", str(data)],
@@ -59,7 +59,7 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
 
 
 def _serve(tmp_path: Path, port: int) -> Proc:
-    cli = [sys.executable, "-c", "from client.cli import app; app(prog_name='distill')"]
+    cli = [sys.executable, "-c", "from cli.app import app; app(prog_name='distill')"]
     args = [*cli, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]
     return Proc("serve", args, service_env(), tmp_path)
 
@@ -114,7 +114,7 @@ def test_serve_creates_the_broker_tables_before_starting_the_worker_and_reconcil
     # not there yet, both would create them and one would log a lost broker connection.
     import sqlite3
 
-    from client.serve_cmds import _create_broker_tables
+    from cli.serve_cmds import _create_broker_tables
 
     broker = tmp_path / "broker.db"
     _create_broker_tables(f"sqla+sqlite:///{broker}")

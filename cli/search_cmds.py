@@ -15,25 +15,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from client.cli import app
-from client.resource_cmds import (
-    After,
-    All,
-    ApiKey,
-    AsJson,
-    Limit,
-    Url,
-    connect,
-    emit_page,
-    err,
-    errors,
-    fail,
-    fetch_page,
-    out,
-    print_json,
-    read_spec,
-    upload_local_files,
-)
+from cli.app import app
+from cli.listing import add_list_command
+from cli.remote import ApiKey, AsJson, Url, connect, err, errors, fail, out, print_json
+from cli.resource_cmds import read_spec, upload_local_files
 from client.sdk import Search
 
 searches_app = typer.Typer(
@@ -196,19 +181,7 @@ def searches_get(
     print_json(search.to_dict()) if as_json else show(search)
 
 
-@searches_app.command("list")
-def searches_list(
-    limit: Limit = 20,
-    after: After = None,
-    all_: All = False,
-    url: Url = None,
-    api_key: ApiKey = None,
-    as_json: AsJson = False,
-) -> None:
-    """List your searches, newest first."""
-    with errors(), connect(url, api_key) as client:
-        items, more = fetch_page(client.searches, limit=limit, after=after, all_=all_)
-    emit_page(items, more, search_table(items), as_json)
+add_list_command(searches_app, "searches", search_table, "searches")
 
 
 @searches_app.command("cancel")

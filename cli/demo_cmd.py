@@ -25,7 +25,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from client.cli import app
+from cli.app import app
 from client.errors import DistillAPIError
 
 LABELLED = 100  # training images that keep their label; the rest are the unlabeled transfer set
@@ -47,69 +47,6 @@ def demo_spec(teacher_id: str, dataset_id: str, epochs: int) -> dict[str, Any]:
     }
 
 
-def make_files(
-    folder: Path, teacher_epochs: int = 15, labelled: int = LABELLED
-) -> tuple[Path, Path, float]:
-    """teacher.pt2 (a small CNN, torch.export) and digits.npz with ``labelled`` training labels
-    kept (the rest -1); the teacher's validation accuracy. examples/digits/make_files.py too."""
-    import numpy as np
-    import torch
-    from torch import nn
-
-    from core.distill.data import digits_arrays, split_indices
-
-    x, y = digits_arrays()
-    train, val = split_indices(len(x), y, 0.3, seed=0)
-    x_tr, y_tr, x_va, y_va = x[train], y[train], x[val], y[val]
-
-    # One thread: a model this small trains several times faster so, above all on a busy CPU
-    # where OpenMP threads wait on each other (12 s against 70 s, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    teacher = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 16, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )  # about 97 % on the validation split after a few seconds of training
-    opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    try:
-        for _ in range(teacher_epochs):
-            perm = torch.randperm(len(xt))
-            for i in range(0, len(xt), 64):
-                idx = perm[i : i + 64]
-                loss = nn.functional.cross_entropy(teacher(xt[idx]), yt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    teacher.eval()
-    with torch.no_grad():
-        accuracy = float((teacher(torch.from_numpy(x_va)).argmax(1).numpy() == y_va).mean())
-
-    folder.mkdir(parents=True, exist_ok=True)
-    teacher_path = folder / "teacher.pt2"
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(teacher, (xt[:2],), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(teacher_path))
-
-    rng = np.random.default_rng(0)
-    labels = np.full_like(y_tr, -1)
-    keep = rng.choice(len(y_tr), size=min(labelled, len(y_tr)), replace=False)
-    labels[keep] = y_tr[keep]
-    data_path = folder / "digits.npz"
-    np.savez(data_path, x=x_tr, y=labels, x_val=x_va, y_val=y_va)
-    return teacher_path, data_path, accuracy
-
-
 def answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
@@ -129,7 +66,7 @@ def embedded_service(data_dir: Path, log_path: Path) -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
     env.update(DISTILL_AUTH="off", DISTILL_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "client.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -177,15 +114,16 @@ def demo(
     """Distil a digits CNN into a small MLP on the service, end to end, in about a minute."""
     import warnings
 
-    from client.render import render_result
-    from client.resource_cmds import api_failure, fail
+    from cli.digits import make_files
+    from cli.remote import api_failure, fail
+    from cli.render import render_result
     from client.sdk import Client
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     out = out.resolve()
     err.print("[bold]1/5[/bold] training a teacher (a small CNN on sklearn's digits) …")
-    teacher_path, data_path, teacher_acc = make_files(out / "inputs")
+    teacher_path, data_path, teacher_acc = make_files(out / "inputs", labelled=LABELLED)
     err.print(f"     teacher validation accuracy {100 * teacher_acc:.1f} %")
 
     with contextlib.ExitStack() as stack:

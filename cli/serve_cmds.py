@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from client.cli import app
+from cli.app import app
 
 QUEUE_NAMES = ("cpu", "gpu", "control")
 

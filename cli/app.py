@@ -1,4 +1,8 @@
-"""The `distill` command line (typer). Each group of commands lives in its own module."""
+"""The `distill` command line (typer): the app that the command modules register on.
+
+resource_cmds and search_cmds call the service through the SDK (client/); run_cmd runs the engine
+on this machine; demo_cmd runs the demo; serve_cmds and service_cmds start the service's parts.
+"""
 
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ def _register() -> None:
     import importlib
 
     for module in (
-        "client.run_cmd",
-        "client.service_cmds",
-        "client.serve_cmds",
-        "client.resource_cmds",
-        "client.search_cmds",
-        "client.demo_cmd",
+        "cli.run_cmd",
+        "cli.service_cmds",
+        "cli.serve_cmds",
+        "cli.resource_cmds",
+        "cli.search_cmds",
+        "cli.demo_cmd",
     ):
         try:
             importlib.import_module(module)
@@ -45,9 +49,3 @@ def _register() -> None:
 
 
 _register()
-
-if __name__ == "__main__":
-    # Run the module's own `app` (the one the command modules registered on), not __main__'s.
-    from client.cli import app as registered_app
-
-    registered_app()

@@ -1,27 +1,43 @@
 """`distill models|datasets|jobs …`: the service's resources from the command line (the SDK).
 
-Configured by ``DISTILL_URL`` / ``DISTILL_API_KEY`` or ``--url`` / ``--api-key``. ``--json`` prints
-machine-readable JSON (``jobs logs``: one JSON event per line). Errors print one line,
-``error[code]: message``, and exit non-zero: 2 for a bad spec or request, 1 otherwise (a failed or
-cancelled job included).
+Options, errors and exit codes as in cli/remote.py; ``jobs logs --json`` prints one JSON event
+per line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
-from client.cli import app
-from client.errors import DistillAPIError
-from client.sdk import Client, Event, Job, Resource, sha256_file
+from cli.app import app
+from cli.listing import (
+    After,
+    All,
+    Limit,
+    add_list_command,
+    emit_page,
+    fetch_page,
+    report_deleted,
+    show_item,
+)
+from cli.remote import (
+    EXIT_BAD_INPUT,
+    ApiKey,
+    AsJson,
+    Url,
+    connect,
+    err,
+    errors,
+    fail,
+    out,
+    print_json,
+)
+from client.sdk import Client, Event, Job, sha256_file
 
 models_app = typer.Typer(no_args_is_help=True, help="Uploaded models (teachers, students).")
 datasets_app = typer.Typer(no_args_is_help=True, help="Uploaded transfer sets.")
@@ -30,92 +46,10 @@ app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-BAD_INPUT_CODES = ("invalid_spec", "shape_mismatch", "invalid_request")
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="DISTILL_URL", help="The service (default http://127.0.0.1:8000)."
-    ),
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="DISTILL_API_KEY", help="API key.", show_default=False),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-Limit = Annotated[int, typer.Option(min=1, max=100, help="Items per page.")]
-After = Annotated[str | None, typer.Option(help="Cursor: the last id of the previous page.")]
-All = Annotated[bool, typer.Option("--all", help="Every item, across pages.")]
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-# --- shared -------------------------------------------------------------------------------------
-
-
-def fail(code: str, message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
-    """One line on stderr, ``error[code]: message``, and the exit code."""
-    err.print(f"[red]error[/red]\\[{code}]: {' '.join(message.split())}", markup=True)
-    raise typer.Exit(exit_code)
-
-
-def api_failure(exc: DistillAPIError) -> NoReturn:
-    message = exc.message
-    if exc.field and exc.field not in message:
-        message += f" (field: {exc.field})"
-    fail(exc.code, message, EXIT_BAD_INPUT if exc.code in BAD_INPUT_CODES else EXIT_FAILED)
-
-
-@contextlib.contextmanager
-def errors() -> Iterator[None]:
-    """API errors and missing files as one line and a non-zero exit."""
-    try:
-        yield
-    except DistillAPIError as exc:
-        api_failure(exc)
-    except FileNotFoundError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        fail("file_not_found", f"{exc.strerror or exc}{where}")
-
-
-def connect(url: str | None, api_key: str | None) -> Client:
-    return Client(url, api_key)
-
-
-def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
-
-
-def as_dict(item: Any) -> Any:
-    return item.to_dict() if isinstance(item, Resource) else item
-
-
-def emit_page(items: list[Any], has_more: bool, table: Table, as_json: bool) -> None:
-    if as_json:
-        print_json({"data": [as_dict(i) for i in items], "has_more": has_more})
-        return
-    out.print(table)
-    if has_more:
-        out.print("[dim]more: pass --after with the last id, or --all[/dim]")
-
 
 def _shape(signature: dict[str, Any], key: str) -> str:
     shapes = [t.get("shape") for t in (signature or {}).get(key, [])]
     return ", ".join(str(["N" if d is None else d for d in s]) for s in shapes if s is not None)
-
-
-def _show(item: Resource, as_json: bool) -> None:
-    if as_json:
-        print_json(as_dict(item))
-        return
-    table = Table(show_header=False, box=None)
-    for key, value in item.to_dict().items():
-        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-        table.add_row(f"[bold]{key}[/bold]", text)
-    out.print(table)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -175,31 +109,7 @@ def _json_list(text: str, option: str) -> list[int]:
     return value
 
 
-def fetch_page(resource: Any, *, limit: int, after: str | None, all_: bool) -> tuple[list, bool]:
-    """One page of a list (or every page with ``--all``) and whether more follow."""
-    if all_:
-        return list(resource.iter()), False
-    page = resource.list(limit=limit, after=after)
-    return page.data, page.has_more
-
-
-def report_deleted(body: dict[str, Any], as_json: bool) -> None:
-    print_json(body) if as_json else out.print(f"deleted {body['id']}")
-
-
-@models_app.command("list")
-def models_list(
-    limit: Limit = 20,
-    after: After = None,
-    all_: All = False,
-    url: Url = None,
-    api_key: ApiKey = None,
-    as_json: AsJson = False,
-) -> None:
-    """List your models, newest first."""
-    with errors(), connect(url, api_key) as client:
-        items, more = fetch_page(client.models, limit=limit, after=after, all_=all_)
-    emit_page(items, more, model_table(items), as_json)
+add_list_command(models_app, "models", model_table, "models")
 
 
 @models_app.command("show")
@@ -208,7 +118,7 @@ def models_show(
 ) -> None:
     """Show one model."""
     with errors(), connect(url, api_key) as client:
-        _show(client.models.get(model_id), as_json)
+        show_item(client.models.get(model_id), as_json)
 
 
 @models_app.command("delete")
@@ -251,19 +161,7 @@ def datasets_upload(
     print_json(dataset.to_dict()) if as_json else out.print(dataset_table([dataset]))
 
 
-@datasets_app.command("list")
-def datasets_list(
-    limit: Limit = 20,
-    after: After = None,
-    all_: All = False,
-    url: Url = None,
-    api_key: ApiKey = None,
-    as_json: AsJson = False,
-) -> None:
-    """List your datasets, newest first."""
-    with errors(), connect(url, api_key) as client:
-        items, more = fetch_page(client.datasets, limit=limit, after=after, all_=all_)
-    emit_page(items, more, dataset_table(items), as_json)
+add_list_command(datasets_app, "datasets", dataset_table, "datasets")
 
 
 @datasets_app.command("show")
@@ -272,7 +170,7 @@ def datasets_show(
 ) -> None:
     """Show one dataset."""
     with errors(), connect(url, api_key) as client:
-        _show(client.datasets.get(dataset_id), as_json)
+        show_item(client.datasets.get(dataset_id), as_json)
 
 
 @datasets_app.command("delete")
@@ -374,7 +272,7 @@ def job_table(jobs: list[Job]) -> Table:
 
 def finish(job: Job, as_json: bool) -> None:
     """Print a terminal job (result tables, or its error) and exit 1 unless it succeeded."""
-    from client.render import render_result
+    from cli.render import render_result
 
     if as_json:
         print_json(job.to_dict())
@@ -425,11 +323,7 @@ def jobs_list(
 ) -> None:
     """List your jobs, newest first."""
     with errors(), connect(url, api_key) as client:
-        if all_:
-            items, more = list(client.jobs.iter(status=status)), False
-        else:
-            page = client.jobs.list(status=status, limit=limit, after=after)
-            items, more = page.data, page.has_more
+        items, more = fetch_page(client.jobs, limit=limit, after=after, all_=all_, status=status)
     emit_page(items, more, job_table(items), as_json)
 
 
@@ -438,7 +332,7 @@ def jobs_show(
     job_id: str, url: Url = None, api_key: ApiKey = None, as_json: AsJson = False
 ) -> None:
     """Show a job: status, progress, latest metrics, and the result or error."""
-    from client.render import render_result
+    from cli.render import render_result
 
     with errors(), connect(url, api_key) as client:
         job = client.jobs.get(job_id)
@@ -536,7 +430,7 @@ def jobs_download(
     as_json: AsJson = False,
 ) -> None:
     """Download a job's artifacts (checked against their sha256; partial files are resumed)."""
-    from client.render import human_bytes
+    from cli.render import human_bytes
 
     files = []
     with errors(), connect(url, api_key) as client:

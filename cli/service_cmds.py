@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from client.cli import app
+from cli.app import app
 
 db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic migrations).")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys.")

@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from client.cli import app
+from cli.app import app
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits"
 

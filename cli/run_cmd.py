@@ -15,8 +15,9 @@ import typer
 import yaml
 from rich.console import Console
 
-from client.cli import app
-from client.render import JobProgress, render_result
+from cli.app import app
+from cli.render import render_result
+from client.progress import JobProgress
 from core.distill.types import ModelFile, ProgressFn
 from core.errors import DistillError, InvalidSpec, job_error
 from core.spec import JobSpec, ModelRef, StudentSpec, parse_spec

@@ -1,0 +1,5 @@
+"""`python -m cli …` runs the `distill` command."""
+
+from cli.app import app
+
+app()
