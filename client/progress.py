@@ -59,8 +59,9 @@ class JobProgress:
             label = data.get("label") or f"stage {data.get('stage', 1)}/{data.get('stages', 1)}"
             eta = data.get("eta_seconds")
             fields: dict[str, str] = {"eta": f"ETA {_duration(eta)}" if eta is not None else ""}
-            if data.get("epochs"):
-                fields["epoch"] = f"epoch {data.get('epoch', 0)}/{data['epochs']}"
+            # A phase without epochs (evaluation, export) clears the last stage's epoch count.
+            epochs = data.get("epochs")
+            fields["epoch"] = f"epoch {data.get('epoch', 0)}/{epochs}" if epochs else ""
             self._progress.update(
                 self._task,
                 completed=float(data.get("fraction") or 0.0),
