@@ -65,17 +65,20 @@ class TrainResult:
 # --- device and precision ----------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the GPU when there is one, else the CPU; a missing GPU is InvalidSpec."""
+def resolve_device(name: str, field: str = "training.device") -> torch.device:
+    """``auto`` → the GPU when there is one, else the CPU; a missing GPU is InvalidSpec on
+    ``field``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         index = int(name.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            other = "'auto' or 'cpu'" if field == "training.device" else "'cpu'"
             raise InvalidSpec(
-                f"training.device is '{name}' but this machine has no such GPU; "
-                "use 'auto' or 'cpu'",
-                field="training.device",
+                f"{field} is '{name}' but this worker has no such GPU ({count} "
+                f"GPU{'' if count == 1 else 's'}); use {other}",
+                field=field,
             )
     return torch.device(name)
 
