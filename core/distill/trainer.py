@@ -244,15 +244,25 @@ def train(
     device = resolve_device(training.device)
     training = concrete_training(training, len(data.x_train))
     try:
-        return _Run(
-            student, method, data, teacher, training, task, stage, stages, device,
-            progress, should_stop, checkpoint_dir, label,
-        ).run()  # fmt: skip
+        with _checkpointing(student, training.gradient_checkpointing):
+            return _Run(
+                student, method, data, teacher, training, task, stage, stages, device,
+                progress, should_stop, checkpoint_dir, label,
+            ).run()  # fmt: skip
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(
             f"training ran out of GPU memory on {device}; use a smaller training.batch_size "
             "or a smaller student, precision bf16, or device cpu"
         ) from None
+
+
+def _checkpointing(student: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Gradient checkpointing of an ``hf`` student (the spec allows it for those alone)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from core.distill.hf.checkpointing import checkpointing
+
+    return checkpointing(student, True)  # type: ignore[arg-type]
 
 
 class _Run:
