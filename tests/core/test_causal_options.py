@@ -277,7 +277,7 @@ def test_gradient_checkpointing_is_refused_for_other_students() -> None:
 
 
 def test_teacher_device_values_are_checked() -> None:
-    from core.distill.causal.placement import place_teacher, teacher_device
+    from core.distill.causal.placement import teacher_device
     from core.spec import TrainingSpec
 
     with pytest.raises(InvalidSpec) as err:
@@ -291,7 +291,7 @@ def test_teacher_device_values_are_checked() -> None:
         teacher_device(TrainingSpec(teacher_device=missing), cpu)
     assert err.value.field == "training.teacher_device" and missing in str(err.value)
     with pytest.raises(InvalidSpec) as err:
-        place_teacher(_tiny("gpt2"), TrainingSpec(teacher_dtype="fp16"), cpu)
+        teacher_device(TrainingSpec(teacher_device="cpu", teacher_dtype="fp16"), cpu)
     assert err.value.field == "training.teacher_dtype"
 
 
@@ -328,3 +328,30 @@ def test_a_bf16_teacher_gives_float32_logits_on_the_students_device_and_its_own_
     sha = "ab" * 32
     assert teacher_identity(sha, TrainingSpec()) == sha  # the float32 caches keep their keys
     assert teacher_identity(sha, bf16) != sha
+
+
+@pytest.mark.slow
+def test_a_job_runs_its_bf16_teacher_on_the_cpu_every_batch(
+    teacher: Path, tmp_path: Path, texts: list[str]
+) -> None:
+    from core.distill.types import Event
+
+    data = write_text_jsonl(tmp_path / "data.jsonl", texts[:150], 20)
+    events: list[Event] = []
+    training = {"baseline": False, "teacher_device": "cpu", "teacher_dtype": "bf16",
+                "logit_cache_k": 0, "gradient_checkpointing": True}  # fmt: skip
+    outcome = run_job(
+        parse_spec(_job(training=training, export=["hf"])),
+        models={"teacher": ModelFile(teacher, "hf")},
+        dataset=data,
+        out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        progress=events.append,
+    )
+    logs = [e.data.get("message", "") for e in events if e.type == "log"]
+    assert any("the teacher runs on cpu in bf16" in m for m in logs)
+    result = outcome.result
+    vocab = 512  # a random student's perplexity is about the vocabulary's size
+    assert result["student"]["perplexity"] < 0.3 * vocab
+    assert 1 < result["teacher"]["perplexity"] < result["student"]["perplexity"]
+    assert result["student"]["token_agreement"] > 0.2

@@ -75,14 +75,13 @@ def run_causal(
     method = spec.distillation
     assert method is not None and spec.student is not None
     t_device = teacher_device(training, device)
+    student = _student(spec, teacher, models, data, model_key)  # from the teacher as uploaded
+    baseline = copy.deepcopy(student) if training.baseline else None
     tmodel: HFModel = place_teacher(teacher.module, training, t_device)
-    if t_device != device:
+    if t_device != device or training.teacher_dtype != "fp32":
         report.log(
             f"the teacher runs on {t_device} in {training.teacher_dtype}, the student on {device}"
         )
-
-    student = _student(spec, teacher, models, data, model_key)
-    baseline = copy.deepcopy(student) if training.baseline else None
     # What the teacher's stored outputs (logit cache, generations) are keyed by.
     teacher_file = models[model_key(spec.teacher_refs()[0])].path
     teacher_sha = teacher_identity(_sha256(teacher_file), training)

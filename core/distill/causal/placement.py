@@ -18,22 +18,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def teacher_device(training: TrainingSpec, job_device: torch.device) -> torch.device:
-    """The device the teacher runs on: ``training.teacher_device``, else the job's."""
+    """The device the teacher runs on: ``training.teacher_device``, else the job's; checked
+    to exist on this worker and to run ``training.teacher_dtype``."""
     from core.distill.trainer import resolve_device
 
-    if training.teacher_device is None:
-        return job_device
-    return resolve_device(training.teacher_device, field="training.teacher_device")
-
-
-def place_teacher(teacher: HFModel, training: TrainingSpec, device: torch.device) -> HFModel:
-    """The teacher on ``device`` with its weights in ``training.teacher_dtype``."""
+    device = job_device
+    if training.teacher_device is not None:
+        device = resolve_device(training.teacher_device, field="training.teacher_device")
     if training.teacher_dtype == "fp16" and device.type != "cuda":
         raise InvalidSpec(
             f"teacher_dtype 'fp16' needs a GPU and the teacher runs on '{device}'; use 'bf16' "
             "or 'fp32', or set training.teacher_device to a GPU",
             field="training.teacher_dtype",
         )
+    return device
+
+
+def place_teacher(teacher: HFModel, training: TrainingSpec, device: torch.device) -> HFModel:
+    """The teacher on ``device`` with its weights in ``training.teacher_dtype``."""
     return teacher.to(device=device, dtype=DTYPES[training.teacher_dtype]).eval()
 
 
