@@ -279,11 +279,13 @@ def request_hash(body: Any) -> str:
 
 
 def choose_queue(spec: JobSpec, settings: Settings) -> str:
-    """``gpu`` when the job asks for CUDA, or says ``auto`` and GPU workers exist; else ``cpu``."""
+    """``gpu`` when the job asks for CUDA (for the student or the teacher), or says ``auto``
+    and GPU workers exist; else ``cpu``."""
     device = spec.training.device
-    if device.startswith("cuda") or (device == "auto" and settings.gpu_workers):
+    teacher = spec.training.teacher_device or ""
+    if device.startswith("cuda") or teacher.startswith("cuda"):
         return "gpu"
-    return "cpu"
+    return "gpu" if device == "auto" and settings.gpu_workers else "cpu"
 
 
 # --- validation against what the tenant has uploaded ------------------------------------------

@@ -369,6 +369,11 @@ class TrainingSpec(StrictModel):
     # causal LMs: the teacher's top-k logits per token cached once per pair (0: full logits live)
     logit_cache_k: int = Field(default=64, ge=0, le=1024)
     baseline: bool = True  # also train the student on labels alone, when labels exist
+    # hf students: recompute each layer's activations in the backward pass (less memory)
+    gradient_checkpointing: bool = False
+    # causal LMs: where the teacher runs (None: the job's device) and its weights' dtype
+    teacher_device: str | None = Field(default=None, pattern=r"^(cpu|cuda|cuda:\d+)$")
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     tune: TuneSpec | None = None
 
 
@@ -760,6 +765,39 @@ def default_hf_student(hf: dict[str, Any], task: str) -> FromTeacher:
     )
 
 
+def _check_lm_options(spec: JobSpec, teacher: ModelInfo) -> None:
+    """The training and compression fields that only Hugging Face or causal-LM jobs use."""
+    training, compression = spec.training, spec.compression
+    hf = teacher.hf or {}
+    if training.gradient_checkpointing and teacher.hf is None:
+        raise InvalidSpec(
+            "gradient_checkpointing applies to Hugging Face students; this teacher is a "
+            f"{teacher.format} file: remove it",
+            field="training.gradient_checkpointing",
+        )
+    if hf.get("task") != "causal_lm":
+        for key, unset in (("teacher_device", None), ("teacher_dtype", "fp32")):
+            if getattr(training, key) != unset:
+                raise InvalidSpec(
+                    f"{key} applies to causal language model teachers, which run on every "
+                    "training batch; other teachers' outputs are computed once: remove it",
+                    field=f"training.{key}",
+                )
+        return
+    if compression.prune is not None:
+        raise InvalidSpec(
+            "pruning is not available for a causal language model student; make it smaller "
+            "with from_teacher (layers, hidden_size) or quantize it ('dynamic_int8')",
+            field="compression.prune",
+        )
+    if compression.quantize not in ("none", "dynamic_int8"):
+        raise InvalidSpec(
+            f"quantization '{compression.quantize}' is not available for a causal language "
+            "model student; use 'dynamic_int8'",
+            field="compression.quantize",
+        )
+
+
 def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> None:
     """What an ``hf`` teacher needs of the spec and the dataset, and what only it allows."""
     first = teachers[0]
@@ -768,6 +806,7 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
     ]
     exports_hf = "hf" in spec.export
     dataset_field = "dataset_id" if spec.dataset_id else "dataset_path"
+    _check_lm_options(spec, first)
     if first.hf is None:
         for where, student in students:
             for key in ("from_teacher", "hf_config"):

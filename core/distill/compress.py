@@ -10,7 +10,10 @@ Quantization modes:
 - ``none``: the model unchanged (a copy).
 - ``dynamic_int8``: ``Linear`` and ``LSTM`` weights stored as int8, activations quantized on
   the fly (``torch.ao.quantization.quantize_dynamic``). CPU only; convolutions stay float, so
-  it helps MLP and transformer students most.
+  it helps MLP and transformer students most. GPT-2's ``Conv1D`` layers (a Linear with its
+  weight transposed) become ``nn.Linear`` first so that they are quantized too; a Linear whose
+  weight another layer shares (an LM head tied to the embeddings) stays float, since an int8
+  copy would add to the float table the embedding still needs.
 - ``fp16``: half-precision weights, wrapped in :class:`Float16Model` so that the model still
   takes and returns float32. Runs on CUDA, and on the CPU for the layers torch implements in
   half (Linear, Conv, norms, common activations in torch 2.13); a probe forward on the
@@ -212,6 +215,8 @@ def _quantize_dynamic(model: nn.Module, calibration: torch.Tensor | None) -> nn.
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
     float_model = _eager_copy(model, "quantize").cpu().eval()
+    _conv1d_as_linear(float_model)
+    tied = _shared_parameters(float_model)
     # nn.TransformerEncoder/DecoderLayer read their Linear weights as tensors on their fast
     # path, which int8 layers do not have: those layers stay float.
     keep_float = {
@@ -227,11 +232,12 @@ def _quantize_dynamic(model: nn.Module, calibration: torch.Tensor | None) -> nn.
         if isinstance(module, (nn.Linear, nn.LSTM))
         and type(module).__name__ != "NonDynamicallyQuantizableLinear"
         and name not in keep_float
+        and not any(id(p) in tied for p in module.parameters(recurse=False))
     }
     if not targets:
         raise CompressionFailed(
-            "dynamic_int8 quantizes Linear and LSTM layers and this student has none outside "
-            "attention blocks; use 'fp16' instead"
+            "dynamic_int8 quantizes Linear (and GPT-2 Conv1D) and LSTM layers and this student "
+            "has none outside attention blocks and tied heads; use 'fp16' instead"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -239,6 +245,40 @@ def _quantize_dynamic(model: nn.Module, calibration: torch.Tensor | None) -> nn.
     if calibration is not None:
         _probe(quantized, calibration[:2].cpu(), "dynamic_int8")
     return quantized
+
+
+def _conv1d_as_linear(model: nn.Module) -> None:
+    """Replace every ``transformers`` ``Conv1D`` (``x @ W + b``, W of shape (in, out)) by the
+    ``nn.Linear`` that computes the same (its weight W transposed), in place."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # without transformers there is no Conv1D to convert
+        return
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            n_in, n_out = module.weight.shape
+            linear = nn.Linear(n_in, n_out, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _replace(model, name, linear)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """The ids of parameters that more than one module holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def quantized_parameters(model: nn.Module) -> int:
+    """Weights held as int8 by the dynamically quantized Linear layers of ``model``."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    return sum(m._weight_bias()[0].numel() for m in model.modules() if isinstance(m, nnqd.Linear))
 
 
 def _probe(model: nn.Module, x: torch.Tensor, mode: str) -> None:

@@ -139,7 +139,7 @@ def _run(
     device = resolve_device(training.device)
     torch.manual_seed(training.seed)
 
-    hf_teacher = _hf_teacher(spec, models, device)
+    hf_teacher = _hf_teacher(spec, models, _teacher_device(training, device))
     if hf_teacher is not None and hf_teacher.hf["task"] == "causal_lm":
         return run_causal(
             spec,
@@ -352,6 +352,12 @@ def _delivered_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- inputs ------------------------------------------------------------------------------------
+
+
+def _teacher_device(training: Any, device: torch.device) -> torch.device:
+    from core.distill.causal.placement import teacher_device
+
+    return teacher_device(training, device)
 
 
 def _hf_teacher(spec: JobSpec, models: dict[str, ModelFile], device: torch.device) -> Any:

@@ -65,17 +65,20 @@ class TrainResult:
 # --- device and precision ----------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the GPU when there is one, else the CPU; a missing GPU is InvalidSpec."""
+def resolve_device(name: str, field: str = "training.device") -> torch.device:
+    """``auto`` → the GPU when there is one, else the CPU; a missing GPU is InvalidSpec on
+    ``field``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         index = int(name.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            other = "'auto' or 'cpu'" if field == "training.device" else "'cpu'"
             raise InvalidSpec(
-                f"training.device is '{name}' but this machine has no such GPU; "
-                "use 'auto' or 'cpu'",
-                field="training.device",
+                f"{field} is '{name}' but this worker has no such GPU ({count} "
+                f"GPU{'' if count == 1 else 's'}); use {other}",
+                field=field,
             )
     return torch.device(name)
 
@@ -241,15 +244,25 @@ def train(
     device = resolve_device(training.device)
     training = concrete_training(training, len(data.x_train))
     try:
-        return _Run(
-            student, method, data, teacher, training, task, stage, stages, device,
-            progress, should_stop, checkpoint_dir, label,
-        ).run()  # fmt: skip
+        with _checkpointing(student, training.gradient_checkpointing):
+            return _Run(
+                student, method, data, teacher, training, task, stage, stages, device,
+                progress, should_stop, checkpoint_dir, label,
+            ).run()  # fmt: skip
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(
             f"training ran out of GPU memory on {device}; use a smaller training.batch_size "
             "or a smaller student, precision bf16, or device cpu"
         ) from None
+
+
+def _checkpointing(student: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Gradient checkpointing of an ``hf`` student (the spec allows it for those alone)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from core.distill.hf.checkpointing import checkpointing
+
+    return checkpointing(student, True)  # type: ignore[arg-type]
 
 
 class _Run:

@@ -521,3 +521,21 @@ def test_hf_only_fields_refused_for_other_teachers() -> None:
         with pytest.raises(InvalidSpec) as err:
             complete_spec(parse_spec(body), [onnx], _text_data())
         assert err.value.field == field
+
+
+def test_gradient_checkpointing_trains_an_encoder_student_alike(
+    teacher_zip: Path, texts: Path, tmp_path: Path
+) -> None:
+    losses = []
+    for enabled in (False, True):
+        outcome = _job(
+            teacher_zip,
+            texts,
+            tmp_path / str(enabled),
+            student={"from_teacher": {"layers": 1}},
+            training={"epochs": 1, "batch_size": 32, "max_length": 32, "lr": 2e-3,
+                      "device": "cpu", "baseline": False, "gradient_checkpointing": enabled},
+            export=["hf"],
+        )  # fmt: skip
+        losses.append([row["train_loss"] for row in outcome.history if "train_loss" in row])
+    assert losses[0] and losses[1] == pytest.approx(losses[0], rel=1e-4)

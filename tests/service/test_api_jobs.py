@@ -118,6 +118,18 @@ def test_cuda_jobs_go_to_the_gpu_queue(api: Api, setup: dict[str, str]) -> None:
     assert r.status_code == 201 and r.json()["queue"] == "gpu"
 
 
+def test_a_teacher_on_cuda_sends_the_job_to_the_gpu_queue() -> None:
+    from api.job_intake import choose_queue
+    from core.config import Settings
+    from core.spec import parse_spec
+
+    settings = Settings(gpu_workers=False)
+    body = {"teacher": {"model_id": "m"}, "dataset_id": "d", "training": {"device": "cpu"}}
+    assert choose_queue(parse_spec(body), settings) == "cpu"
+    body["training"]["teacher_device"] = "cuda:1"
+    assert choose_queue(parse_spec(body), settings) == "gpu"
+
+
 @pytest.mark.parametrize(
     ("change", "code", "field"),
     [

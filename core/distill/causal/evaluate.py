@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from core.distill.causal.data import TokenRows
+from core.distill.causal.placement import device_of, teacher_logits
 from core.distill.hf.models import HFModel
 from core.distill.methods.token_losses import forward_kl
 
@@ -61,7 +62,7 @@ def quality(
         nll += float((ce * mask).sum())
         count += int(mask.sum())
         if teacher is not None:
-            t_logits = teacher(xb)[:, :-1].float()
+            t_logits = teacher_logits(teacher, xb, device)[:, :-1]
             agree += float(((logits.argmax(-1) == t_logits.argmax(-1)) & mask).sum())
             per_token = forward_kl(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1))
             kl += float((per_token * mask).sum())
@@ -74,10 +75,17 @@ def quality(
 
 
 def size(model: HFModel) -> dict[str, int]:
-    params = list(model.model.parameters())
+    """Parameters and their bytes (tied weights once; int8 layers' packed weights counted)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    tensors = list(model.model.parameters())
+    for module in model.model.modules():
+        if isinstance(module, nnqd.Linear):
+            weight, bias = module._weight_bias()
+            tensors += [weight] + ([bias] if bias is not None else [])
     return {
-        "parameters": sum(p.numel() for p in params),
-        "size_bytes": sum(p.numel() * p.element_size() for p in params),
+        "parameters": sum(t.numel() for t in tensors),
+        "size_bytes": sum(t.numel() * t.element_size() for t in tensors),
     }
 
 
@@ -123,17 +131,19 @@ def _generate(
 def samples(
     teacher: HFModel, student: HFModel, prompts: list[str], device: torch.device
 ) -> list[dict[str, str]]:
-    """Greedy continuations of each prompt, the teacher's beside the student's."""
+    """Greedy continuations of each prompt, the teacher's (on its own device) beside the
+    student's (on ``device``)."""
     out = []
     tok = teacher.tokenizer
+    student.eval().to(device)
     for prompt in prompts:
-        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=device)
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         if ids.shape[1] == 0:
             continue
         row = {"prompt": prompt}
-        for name, model in (("teacher", teacher), ("student", student)):
-            model.eval().to(device)
-            gen = _generate(model, ids, torch.ones_like(ids), SAMPLE_TOKENS)
+        for name, model in (("teacher", teacher.eval()), ("student", student)):
+            where = ids.to(device_of(model))
+            gen = _generate(model, where, torch.ones_like(where), SAMPLE_TOKENS)
             row[name] = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         out.append(row)
     return out

@@ -1,8 +1,13 @@
 """Exports of a causal-LM student: ``student_hf`` and ``student_onnx`` (the forward pass's
 logits, no KV cache), both written and compared with the trained student by
 :mod:`core.distill.hf.export`; ``student_hf`` is further reloaded the way a user loads it,
-``AutoModelForCausalLM.from_pretrained``, which must reproduce the reported perplexity and
-generate."""
+``AutoModelForCausalLM.from_pretrained``, which must reproduce the trained student's
+perplexity and generate.
+
+With ``dynamic_int8``, ``student_hf`` stays the float student (``save_pretrained`` cannot hold
+int8 layers; quantize it again after loading) and ``student_onnx`` is the int8 one: its float
+graph quantized by onnxruntime (int8 MatMul/Gemm weights), checked against the torch int8
+student's logits."""
 
 from __future__ import annotations
 
@@ -32,9 +37,17 @@ def export_causal_student(
     reported_perplexity: float,
     staging: Path,
     log: Callable[[str], None],
+    quantized: HFModel | None = None,
 ) -> tuple[list[Artifact], dict[str, Any]]:
+    """``student_hf`` always holds the trained float ``student``; ``student_onnx`` holds the
+    ``quantized`` (int8) student when there is one."""
     student = student.cpu().eval()
-    artifacts, checks = export_hf_student(student, formats, val.x, staging, log)
+    float_formats = [f for f in formats if quantized is None or f != "onnx"]
+    artifacts, checks = export_hf_student(student, float_formats, val.x, staging, log)
+    if quantized is not None and "onnx" in formats:
+        more, onnx = export_hf_student(quantized, ["onnx"], val.x, staging, log)
+        artifacts += more
+        checks.update(onnx)
     if "hf" in checks:
         checks["hf"].update(_reload_check(staging / "student_hf.zip", val, reported_perplexity))
     return artifacts, checks

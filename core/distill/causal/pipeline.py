@@ -22,6 +22,13 @@ from core.distill.causal import evaluate
 from core.distill.causal.data import DEFAULT_MAX_LENGTH, Line, LMData, encode_lines, load_lm_data
 from core.distill.causal.export import export_causal_student
 from core.distill.causal.generate import generations_key, on_policy_rows, teacher_generations
+from core.distill.causal.placement import (
+    place_teacher,
+    teacher_device,
+    teacher_identity,
+    teacher_logits,
+)
+from core.distill.causal.quantize import quantize_student
 from core.distill.causal.train import train_student
 from core.distill.hf.models import HFModel, HFTeacher
 from core.distill.types import Artifact, JobOutcome, ModelFile, StopFn
@@ -67,21 +74,27 @@ def run_causal(
     training = concrete_training(spec.training, len(data.train))
     method = spec.distillation
     assert method is not None and spec.student is not None
-    tmodel: HFModel = teacher.module.eval()
-
-    student = _student(spec, teacher, models, data, model_key)
+    t_device = teacher_device(training, device)
+    student = _student(spec, teacher, models, data, model_key)  # from the teacher as uploaded
     baseline = copy.deepcopy(student) if training.baseline else None
-    teacher_sha = _sha256(models[model_key(spec.teacher_refs()[0])].path)
+    tmodel: HFModel = place_teacher(teacher.module, training, t_device)
+    if t_device != device or training.teacher_dtype != "fp32":
+        report.log(
+            f"the teacher runs on {t_device} in {training.teacher_dtype}, the student on {device}"
+        )
+    # What the teacher's stored outputs (logit cache, generations) are keyed by.
+    teacher_file = models[model_key(spec.teacher_refs()[0])].path
+    teacher_sha = teacher_identity(_sha256(teacher_file), training)
     train_rows, on_policy, generations = data.train, None, None
     if method.method == "seqkd":
         train_rows, generations = _teacher_rows(
-            method, tmodel, data, teacher_sha, work_dir, device, spec.training.seed, report
+            method, tmodel, data, teacher_sha, work_dir, t_device, spec.training.seed, report
         )
     if method.method == "gkd":
         on_policy = _on_policy(method, student, data, device, spec.training.seed)
     cache, cache_info = None, None
     if method.method != "seqkd":
-        cache, cache_info = _cache(spec, teacher_sha, tmodel, data, work_dir, device, report)
+        cache, cache_info = _cache(spec, teacher_sha, tmodel, data, work_dir, t_device, report)
 
     with_baseline = baseline is not None
     stages = 1 + int(with_baseline)
@@ -129,7 +142,7 @@ def run_causal(
         "method": method.method,
         "device": str(device),
         "max_length": data.max_length,
-        "teacher": evaluate.report(tmodel, None, data.val, prompt_ids, device),
+        "teacher": evaluate.report(tmodel, None, data.val, prompt_ids, t_device),
         "student": evaluate.report(student, tmodel, data.val, prompt_ids, device),
     }
     result["teacher"]["size_bytes"] = int(teacher.size_bytes)
@@ -148,13 +161,23 @@ def run_causal(
         result["logit_cache"] = cache_info
     if generations is not None:
         result["generations"] = generations
+    trained_perplexity = result["student"]["perplexity"]
+    quantized = None
+    result["compression"] = []
+    if spec.compression.quantize == "dynamic_int8":
+        quantized, step = quantize_student(
+            student, tmodel, data.val, prompt_ids, result["student"], device, report.log
+        )
+        result["compression"].append(step)
+        result["student"] = step["after"]  # the delivered student, as for other tasks
     artifacts, checks = export_causal_student(
         student,
         list(spec.export),
         data.val,
-        result["student"]["perplexity"],
+        trained_perplexity,
         staging,
         report.log,
+        quantized=quantized,
     )
     result["export"] = checks
     result["seconds"] = round(time.monotonic() - started, 3)
@@ -211,7 +234,14 @@ def _cache(
     hit = cache is not None
     if cache is None:
         report.log(f"teacher logit cache: computing the teacher's top-{k} for {key}")
-        cache = lm_cache.build_cache(folder, teacher, data.train.x, k, key=key, device=device)
+        cache = lm_cache.build_cache(
+            folder,
+            lambda x: teacher_logits(teacher, x, device),
+            data.train.x,
+            k,
+            key=key,
+            device=device,
+        )
     else:
         report.log(f"teacher logit cache: read {key}; the teacher is not run for training")
     info = {

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from core.distill.causal.cache import TopKCache
 from core.distill.causal.data import TokenRows
+from core.distill.causal.placement import teacher_logits
 from core.distill.hf.models import HFModel
 from core.distill.methods import jsd, reverse_kl, token_kd
 from core.distill.methods.token_losses import TeacherTokens, next_token_ce
@@ -52,6 +53,32 @@ def train_student(
     ``method`` None trains on the next token alone (the baseline). ``on_policy(n)`` gives ``n``
     rows of the student's own completions (``gkd``: a batch is one with probability λ).
     """
+    from core.distill.hf.checkpointing import checkpointing
+
+    with checkpointing(student, training.gradient_checkpointing):
+        return _train(
+            student, data, val, training=training, method=method, teacher=teacher, cache=cache,
+            device=device, label=label, stage=stage, progress=progress, should_stop=should_stop,
+            on_policy=on_policy,
+        )  # fmt: skip
+
+
+def _train(
+    student: HFModel,
+    data: TokenRows,
+    val: TokenRows,
+    *,
+    training: TrainingSpec,
+    method: Any | None,
+    teacher: HFModel | None,
+    cache: TopKCache | None,
+    device: torch.device,
+    label: str,
+    stage: tuple[int, int],
+    progress: ProgressFn,
+    should_stop: StopFn,
+    on_policy: Callable[[int], TokenRows] | None,
+) -> list[dict[str, Any]]:
     from core.distill.causal.evaluate import perplexity
 
     student.to(device).train()
@@ -140,8 +167,7 @@ def _teacher_tokens(
     if cache is not None:
         return cache.batch(rows, device)
     assert teacher is not None
-    with torch.no_grad():
-        return TeacherTokens(logits=teacher(xb).float())
+    return TeacherTokens(logits=teacher_logits(teacher, xb, device))
 
 
 def _autocast(device: torch.device) -> Any:

@@ -123,7 +123,7 @@ function verdictBox(result) {
 
 function compressionTable(steps) {
   if (!steps || !steps.length) return null;
-  const keys = ["accuracy", "agreement", "mse", "parameters", "size_bytes", "latency_ms_p50"];
+  const keys = ["accuracy", "agreement", "mse", "perplexity", "token_agreement", "kl_to_teacher", "parameters", "size_bytes", "latency_ms_p50", "latency_ms_per_token"];
   const rows = [];
   for (const step of steps) {
     const name = step.step === "quantize" ? `quantize (${step.mode})` : `prune ${fmtPct(step.amount)}${step.structured ? " structured" : ""}`;
