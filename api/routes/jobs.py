@@ -18,7 +18,6 @@ from starlette.datastructures import State
 
 from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
 from api.errors import InvalidRequest
-from api.job_intake import PUBLIC_COLUMNS, JobRequest
 from api.schemas import (
     EventList,
     EventPublic,
@@ -29,6 +28,7 @@ from api.schemas import (
     json_response,
 )
 from core.db import read_with_retry
+from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH, JobRequest
 from core.jobs import TERMINAL_STATUSES, request_cancel
 from core.logging import bind_log_context
 from core.models import Job, JobEvent, Tenant
@@ -40,6 +40,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(4
 MAX_SEQ = 2**31 - 1
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+# The columns of a job that its public form shows (``job_public`` reads them by name).
+PUBLIC_COLUMNS = [
+    Job.__table__.c[name] for name in JobPublic.model_fields if name in Job.__table__.c
+]
 
 SPEC_BODY = {
     "requestBody": {
@@ -89,7 +93,7 @@ async def create_job(
     tenant: TenantDep,
     idempotency_key: Annotated[
         str | None,
-        Header(alias="Idempotency-Key", min_length=1, max_length=200),
+        Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LENGTH),
     ] = None,
 ) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
@@ -103,8 +107,8 @@ async def submit_job(
 
     Raises the request's error (``InvalidSpec``, ``Conflict``, …).
     """
-    taking_in = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
-    job, replayed = await asyncio.wrap_future(taking_in)
+    pending = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
+    job, replayed = await asyncio.wrap_future(pending)
     bind_log_context(job_id=job.id)
     if replayed:
         return _replayed(job)

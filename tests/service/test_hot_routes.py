@@ -10,7 +10,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.hot_routes import MAX_SPEC_BYTES, HotRoutes
+from api.hot_routes import HotRoutes
+from core.job_creation import MAX_SPEC_BYTES
 from tests.service.api_support import Api, Tenant, build_api, insert_dataset, insert_model
 from tests.service.helpers import migrate
 
