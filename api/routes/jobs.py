@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
+from api.deps import IdempotencyKeyHeader, OwnedJobDep, SessionDep, TenantDep, not_found, page
 from api.errors import InvalidRequest
 from api.schemas import (
     EventList,
@@ -28,7 +28,7 @@ from api.schemas import (
     json_response,
 )
 from core.db import read_with_retry
-from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH, JobRequest
+from core.job_creation import JobRequest
 from core.jobs import TERMINAL_STATUSES, request_cancel
 from core.logging import bind_log_context
 from core.models import Job, JobEvent, Tenant
@@ -91,10 +91,7 @@ async def create_job(
     body: Annotated[dict[str, Any], Body(description="the distillation spec")],
     request: Request,
     tenant: TenantDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LENGTH),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
     return await submit_job(request.app.state, tenant, body, idempotency_key)

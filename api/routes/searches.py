@@ -6,16 +6,15 @@ import logging
 from types import SimpleNamespace
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, TenantDep, page
+from api.deps import IdempotencyKeyHeader, SessionDep, TenantDep, page
 from api.schemas import SearchList, SearchPublic, error_responses, json_response
 from api.search_intake import store_search
 from core.errors import NotFound
-from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH
 from core.logging import bind_log_context
 from core.models import Job, Search, SearchJob, Tenant
 from core.searches import cancel_search, search_jobs
@@ -93,10 +92,7 @@ async def create_search(
     body: Annotated[dict[str, Any], Body(description="the base spec, budget and trials")],
     request: Request,
     tenant: TenantDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LENGTH),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Start a budget search: candidate students run as child jobs across the workers."""
     state = request.app.state
