@@ -85,7 +85,7 @@ class PostgresStatements:
 
 
 def _driver(conn: Connection) -> psycopg.Connection[Any]:
-    return cast(psycopg.Connection[Any], conn.connection.driver_connection)
+    return cast("psycopg.Connection[Any]", conn.connection.driver_connection)
 
 
 def _dumps(value: Any) -> str:
