@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api.tenants import TenantResolver
 from core.config import Settings
 from core.errors import NotFound
+from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH
 from core.logging import bind_log_context
 from core.models import Artifact, Dataset, Job, Model, Tenant
 from core.storage import Storage
@@ -130,3 +131,10 @@ OwnedArtifactDep = Annotated[Artifact, Depends(owned_artifact)]
 def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
     """Split ``limit + 1`` fetched rows into the page and ``has_more``."""
     return rows[:limit], len(rows) > limit
+
+
+# The Idempotency-Key header of a create (a job, a search); its bounds are the hot path's too.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LENGTH),
+]

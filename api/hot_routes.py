@@ -22,13 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import distill_error_response, error_response, unexpected_error_response
 from api.routes import jobs
 from core.errors import DistillError
+from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_SPEC_BYTES
 from core.logging import bind_log_context
 
 JOBS_PATH = "/v1/jobs"
 JOB_PREFIX = "/v1/jobs/"
-# A spec is a few KiB; anything near this is a mistake, refused before it fills memory.
-MAX_SPEC_BYTES = 1024 * 1024
-MAX_IDEMPOTENCY_KEY = 200  # as declared on create_job
 
 
 class HotRoutes:
@@ -116,7 +114,7 @@ def _header(scope: Scope, name: bytes, default: str | None = "") -> Any:
 
 
 def _valid_key(key: str) -> bool:
-    return 1 <= len(key) <= MAX_IDEMPOTENCY_KEY
+    return 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
 
 
 def _json_object(scope: Scope, body: bytes) -> dict[str, Any] | None:

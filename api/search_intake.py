@@ -2,7 +2,7 @@
 stored in one transaction.
 
 Each child is an ordinary job, checked and completed exactly as ``POST /v1/jobs`` checks one
-(``api/job_intake.py``: the tenant's uploads, the spec, the service's budget), stored with its
+(``core/job_creation``: the tenant's uploads, the spec, the service's budget), stored with its
 links and first event, and sent to the broker like any job once committed; a lost send is
 re-sent by the reconciler. The children count against the tenant's quota of active jobs.
 """
@@ -16,18 +16,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.job_intake import (
-    RETRY_AFTER_SECONDS,
-    JobRequest,
-    Uploads,
-    _model_for,
-    _new_job,
-    model_info,
-    request_hash,
-    resolve_spec,
-)
 from core.config import Settings
 from core.errors import Conflict, InvalidSpec, OverBudget, QuotaExceeded
+from core.job_creation import RETRY_AFTER_SECONDS, request_hash, statements_for
+from core.job_creation.rows import new_job_row
+from core.job_creation.uploads import Uploads, _model_for, model_info, resolve_spec
 from core.models import (
     ACTIVE_STATUSES,
     Job,
@@ -45,7 +38,7 @@ from core.spec import DatasetInfo, JobSpec, parse_spec
 
 
 @dataclass(frozen=True)
-class Taken:
+class StoredSearch:
     """The stored search, its children to send (id, queue), and whether it is a replay."""
 
     search_id: str
@@ -53,20 +46,21 @@ class Taken:
     replayed: bool
 
 
-def take_in_search(
+def store_search(
     sessions: sessionmaker[Session],
     settings: Settings,
     tenant: Tenant,
     body: Any,
     idempotency_key: str | None,
-) -> Taken:
+) -> StoredSearch:
     """Validate, propose and store a search; raises the request's ``ClientError``."""
     digest = request_hash(body) if idempotency_key is not None else None
     with sessions() as session:
         if idempotency_key is not None and (earlier := _replay(session, tenant, idempotency_key)):
-            return _replayed(earlier, digest, idempotency_key)
+            return _replay_of(earlier, digest, idempotency_key)
         request = parse_search(body)
-        uploads = Uploads(session.connection(), [request.spec])
+        conn = session.connection()
+        uploads = Uploads(conn, statements_for(conn.dialect), [request.spec])
         teachers, dataset = _inputs(uploads, tenant, request.spec, settings)
         candidates, over = propose(request, teachers, dataset)
         search_id = new_id("srch")
@@ -107,12 +101,12 @@ def take_in_search(
             if idempotency_key is not None and (
                 earlier := _replay(session, tenant, idempotency_key)
             ):
-                return _replayed(earlier, digest, idempotency_key)
+                return _replay_of(earlier, digest, idempotency_key)
             raise Conflict(
                 "a model or the dataset this search uses was deleted while it was submitted; "
                 "upload it again"
             ) from None
-        return Taken(search_id, to_send, replayed=False)
+        return StoredSearch(search_id, to_send, replayed=False)
 
 
 def _inputs(
@@ -174,7 +168,7 @@ def _add_child(
     model_ids: list[str],
     settings: Settings,
 ) -> tuple[str, str]:
-    columns = _new_job(JobRequest(tenant, None), spec, settings)
+    columns = new_job_row(tenant.id, spec, settings)
     session.add(Job(**columns))
     session.flush()
     session.add_all(JobModel(job_id=columns["id"], model_id=m) for m in model_ids)
@@ -198,11 +192,11 @@ def _replay(session: Session, tenant: Tenant, key: str) -> Search | None:
     )
 
 
-def _replayed(earlier: Search, digest: str | None, key: str) -> Taken:
+def _replay_of(earlier: Search, digest: str | None, key: str) -> StoredSearch:
     if earlier.request_hash != digest:
         raise Conflict(
             f"Idempotency-Key '{key}' was already used with a different request body; use a "
             "new key for a new search",
             details={"search_id": earlier.id},
         )
-    return Taken(earlier.id, [], replayed=True)
+    return StoredSearch(earlier.id, [], replayed=True)

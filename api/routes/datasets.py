@@ -9,13 +9,10 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnedDatasetDep, SessionDep, SettingsDep, StorageDep, TenantDep, page
-from api.errors import InvalidRequest
-from api.quotas import upload_limit
-from api.routes.models import default_name
 from api.schemas import DatasetList, DatasetPublic, Deleted, error_responses
-from api.uploads import Upload, receive_upload
+from api.upload_store import save_row, stored_upload, upload_name
+from api.uploads import Upload
 from core.config import Settings
-from core.errors import PayloadTooLarge
 from core.jobs import delete_upload
 from core.models import Dataset, new_id
 from core.storage import Storage
@@ -53,15 +50,7 @@ UPLOAD_BODY = {
 
 def parse_dataset_fields(fields: dict[str, str], filename: str) -> tuple[str, dict[str, Any]]:
     """The dataset's name and inspection options; InvalidRequest naming a bad field."""
-    unknown = sorted(set(fields) - set(FIELDS))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown form field '{unknown[0]}'; the fields are file, {', '.join(FIELDS)}",
-            field=unknown[0],
-        )
-    name = fields.get("name", "").strip() or default_name(filename)
-    if len(name) > 200:
-        raise InvalidRequest("name is longer than 200 characters", field="name")
+    name = upload_name(fields, filename, FIELDS)
     options: dict[str, Any] = {}
     if fields.get("label_column", "").strip():
         options["label_column"] = fields["label_column"].strip()
@@ -98,14 +87,8 @@ async def upload_dataset(
 ) -> Dataset:
     """Upload a transfer set (multipart field `file`); it is read in a sandbox and described."""
     dataset_id = new_id("ds")
-    limit = await run_in_threadpool(upload_limit, session, tenant.id, settings)
-    try:
-        upload = await receive_upload(
-            request, storage, f"datasets/{tenant.id}/{dataset_id}", max_bytes=limit.max_bytes
-        )
-    except PayloadTooLarge as exc:
-        raise limit.refusal(exc) from None
-    try:
+    key_stem = f"datasets/{tenant.id}/{dataset_id}"
+    async with stored_upload(request, session, tenant.id, storage, settings, key_stem) as upload:
         name, options = parse_dataset_fields(upload.fields, upload.filename)
         inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)
         info = inspection.info
@@ -125,15 +108,7 @@ async def upload_dataset(
             sha256=upload.blob.sha256,
             storage_key=upload.blob.key,
         )
-
-        def save() -> None:
-            session.add(row)
-            session.commit()
-
-        await run_in_threadpool(save)
-    except BaseException:
-        await run_in_threadpool(storage.delete, upload.blob.key)
-        raise
+        await save_row(session, row)
     return row
 
 

@@ -16,9 +16,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from api.deps import OwnedJobDep, SessionDep, TenantDep, not_found, page
+from api.deps import IdempotencyKeyHeader, OwnedJobDep, SessionDep, TenantDep, not_found, page
 from api.errors import InvalidRequest
-from api.job_intake import PUBLIC_COLUMNS, JobRequest
 from api.schemas import (
     EventList,
     EventPublic,
@@ -29,6 +28,7 @@ from api.schemas import (
     json_response,
 )
 from core.db import read_with_retry
+from core.job_creation import JobRequest
 from core.jobs import TERMINAL_STATUSES, request_cancel
 from core.logging import bind_log_context
 from core.models import Job, JobEvent, Tenant
@@ -40,6 +40,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(4
 MAX_SEQ = 2**31 - 1
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+# The columns of a job that its public form shows (``job_public`` reads them by name).
+PUBLIC_COLUMNS = [
+    Job.__table__.c[name] for name in JobPublic.model_fields if name in Job.__table__.c
+]
 
 SPEC_BODY = {
     "requestBody": {
@@ -87,10 +91,7 @@ async def create_job(
     body: Annotated[dict[str, Any], Body(description="the distillation spec")],
     request: Request,
     tenant: TenantDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", min_length=1, max_length=200),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Create a distillation job from a spec; it is validated, queued and sent to a worker."""
     return await submit_job(request.app.state, tenant, body, idempotency_key)
@@ -103,8 +104,8 @@ async def submit_job(
 
     Raises the request's error (``InvalidSpec``, ``Conflict``, …).
     """
-    taking_in = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
-    job, replayed = await asyncio.wrap_future(taking_in)
+    pending = state.job_intake.submit(JobRequest(tenant, body, idempotency_key))
+    job, replayed = await asyncio.wrap_future(pending)
     bind_log_context(job_id=job.id)
     if replayed:
         return _replayed(job)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -19,11 +18,11 @@ from api.deps import (
     page,
 )
 from api.errors import InvalidRequest
-from api.quotas import upload_limit
 from api.schemas import Deleted, ModelList, ModelPublic, error_responses
-from api.uploads import Upload, receive_upload
+from api.upload_store import save_row, stored_upload, upload_name
+from api.uploads import Upload
 from core.config import Settings
-from core.errors import InvalidSpec, PayloadTooLarge
+from core.errors import InvalidSpec
 from core.jobs import delete_upload
 from core.models import Model, new_id
 from core.spec import check_values
@@ -64,22 +63,9 @@ UPLOAD_BODY = {
 }
 
 
-def default_name(filename: str) -> str:
-    stem = PurePosixPath(filename.replace("\\", "/")).stem
-    return (stem or "model")[:200]
-
-
 def parse_model_fields(fields: dict[str, str], filename: str) -> dict[str, Any]:
     """The upload's form fields as inspection options; InvalidRequest naming a bad field."""
-    unknown = sorted(set(fields) - set(FIELDS))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown form field '{unknown[0]}'; the fields are file, {', '.join(FIELDS)}",
-            field=unknown[0],
-        )
-    name = fields.get("name", "").strip() or default_name(filename)
-    if len(name) > 200:
-        raise InvalidRequest("name is longer than 200 characters", field="name")
+    name = upload_name(fields, filename, FIELDS)
     fmt = fields.get("format", "").strip() or None
     if fmt is not None and fmt not in FORMATS:
         raise InvalidRequest(
@@ -176,14 +162,8 @@ async def upload_model(
 ) -> Model:
     """Upload a model file (multipart field `file`); it is opened in a sandbox and described."""
     model_id = new_id("mdl")
-    limit = await run_in_threadpool(upload_limit, session, tenant.id, settings)
-    try:
-        upload = await receive_upload(
-            request, storage, f"models/{tenant.id}/{model_id}", max_bytes=limit.max_bytes
-        )
-    except PayloadTooLarge as exc:
-        raise limit.refusal(exc) from None
-    try:
+    key_stem = f"models/{tenant.id}/{model_id}"
+    async with stored_upload(request, session, tenant.id, storage, settings, key_stem) as upload:
         options = parse_model_fields(upload.fields, upload.filename)
         inspection = await run_in_threadpool(_inspect, storage, upload, options, settings)
         info = inspection.info
@@ -206,16 +186,7 @@ async def upload_model(
             trainable=inspection.trainable,
             storage_key=upload.blob.key,
         )
-
-        def save() -> None:
-            session.add(row)
-            session.commit()
-
-        await run_in_threadpool(save)
-    except BaseException:
-        # A refused or failed upload keeps nothing.
-        await run_in_threadpool(storage.delete, upload.blob.key)
-        raise
+        await save_row(session, row)
     return row
 
 

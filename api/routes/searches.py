@@ -6,14 +6,14 @@ import logging
 from types import SimpleNamespace
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, TenantDep, page
+from api.deps import IdempotencyKeyHeader, SessionDep, TenantDep, page
 from api.schemas import SearchList, SearchPublic, error_responses, json_response
-from api.search_intake import take_in_search
+from api.search_intake import store_search
 from core.errors import NotFound
 from core.logging import bind_log_context
 from core.models import Job, Search, SearchJob, Tenant
@@ -92,23 +92,21 @@ async def create_search(
     body: Annotated[dict[str, Any], Body(description="the base spec, budget and trials")],
     request: Request,
     tenant: TenantDep,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Start a budget search: candidate students run as child jobs across the workers."""
     state = request.app.state
-    taken = await run_in_threadpool(
-        take_in_search, state.sessions, state.settings, tenant, body, idempotency_key
+    stored = await run_in_threadpool(
+        store_search, state.sessions, state.settings, tenant, body, idempotency_key
     )
-    bind_log_context(search_id=taken.search_id)
-    for job_id, queue in taken.to_send:
+    bind_log_context(search_id=stored.search_id)
+    for job_id, queue in stored.to_send:
         try:
             state.enqueue(SimpleNamespace(id=job_id, queue=queue))
         except Exception:  # noqa: BLE001 - the job is saved; the reconciler sends queued jobs
             log.warning("could not enqueue %s; the reconciler will send it", job_id, exc_info=True)
-    public = await run_in_threadpool(_read, state.sessions, taken.search_id, tenant)
-    if taken.replayed:
+    public = await run_in_threadpool(_read, state.sessions, stored.search_id, tenant)
+    if stored.replayed:
         return json_response(public, headers={"Idempotent-Replayed": "true"})
     return json_response(public, status_code=201)
 

@@ -16,10 +16,10 @@ from httpx import Response
 from sqlalchemy import func, select
 
 import core.jobs
-from api import job_intake
-from api.job_intake import JobIntake, JobRequest, take_in
+from api.job_intake import JobIntake
 from core.db import get_engine
 from core.errors import Conflict, InvalidSpec
+from core.job_creation import JobRequest, create_jobs, statements_for
 from core.jobs import add_event
 from core.models import Dataset, Job, JobDataset, JobModel, Model, Tenant
 from tests.conftest import POSTGRES_URL, require_service
@@ -119,8 +119,8 @@ def test_cuda_jobs_go_to_the_gpu_queue(api: Api, setup: dict[str, str]) -> None:
 
 
 def test_a_teacher_on_cuda_sends_the_job_to_the_gpu_queue() -> None:
-    from api.job_intake import choose_queue
     from core.config import Settings
+    from core.job_creation.rows import choose_queue
     from core.spec import parse_spec
 
     settings = Settings(gpu_workers=False)
@@ -294,17 +294,18 @@ def test_an_upload_deleted_while_its_job_is_taken_in_fails_that_request_only(
 ) -> None:
     """The intake looks uploads up, then inserts: an upload deleted in between is refused by
     the foreign keys, and the request gets the error that names it, not a job without it."""
-    real_insert = job_intake._insert_jobs
+    statements = api.app.state.job_intake.statements
+    real_insert = statements.insert
     model = Dataset if upload == "dataset" else Model
 
-    def delete_first(conn, jobs):  # noqa: ANN001, ANN202 - the intake's own signature
-        monkeypatch.setattr(job_intake, "_insert_jobs", real_insert)
+    def delete_first(conn, inserts):  # noqa: ANN001, ANN202 - the statements' own signature
+        monkeypatch.setattr(statements, "insert", real_insert)
         with api.session() as s:  # another connection, as a DELETE request would be
             s.delete(s.get(model, setup[upload]))
             s.commit()
-        real_insert(conn, jobs)
+        real_insert(conn, inserts)
 
-    monkeypatch.setattr(job_intake, "_insert_jobs", delete_first)
+    monkeypatch.setattr(statements, "insert", delete_first)
     r = api.client.post("/v1/jobs", json=_spec(setup), headers=_h(setup))
     assert r.status_code == 422, r.text
     field = "dataset_id" if upload == "dataset" else "teacher.model_id"
@@ -473,10 +474,12 @@ def test_one_intake_batch_answers_each_request_on_its_own(api: Api, setup: dict[
         JobRequest(stranger, good),  # another tenant's teacher and dataset
         JobRequest(tenant, {**good, "name": "other"}, "key-1"),
     ]
-    with get_engine(api.settings.database).connect() as conn:
-        outcomes = take_in(conn, requests, api.settings)
+    engine = get_engine(api.settings.database)
+    statements = statements_for(engine.dialect)
+    with statements.prepare(engine.connect()) as conn:
+        answers = create_jobs(conn, statements, requests, api.settings)
 
-    (first, replayed), missing, (keyed, _), (again, replayed_again), foreign, reused = outcomes
+    (first, replayed), missing, (keyed, _), (again, replayed_again), foreign, reused = answers
     assert not replayed and replayed_again and again.id == keyed.id != first.id
     assert isinstance(missing, InvalidSpec) and missing.details["field"] == "dataset_id"
     assert isinstance(foreign, InvalidSpec) and foreign.details["field"] == "teacher.model_id"

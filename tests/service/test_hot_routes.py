@@ -10,7 +10,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.hot_routes import MAX_SPEC_BYTES, HotRoutes
+from api.hot_routes import HotRoutes
+from core.job_creation import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_SPEC_BYTES
 from tests.service.api_support import Api, Tenant, build_api, insert_dataset, insert_model
 from tests.service.helpers import migrate
 
@@ -136,7 +137,7 @@ def test_post_job_answers_as_fastapi_does(
         {"json": [spec]},  # not an object
         {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
         {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}},
-        {"json": spec, "headers": {"Idempotency-Key": "k" * 201}},
+        {"json": spec, "headers": {"Idempotency-Key": "k" * (MAX_IDEMPOTENCY_KEY_LENGTH + 1)}},
         {"json": spec, "headers": {"Idempotency-Key": ""}},
     ]:
         hot_error, plain_error = both(**request)
@@ -144,6 +145,15 @@ def test_post_job_answers_as_fastapi_does(
         _same(hot_error, plain_error)
 
     assert hot_calls.count("POST /v1/jobs") == 6  # made, two keyed, three spec errors
+
+    # The longest key allowed is taken at both doors: they read one limit.
+    for api, letter in ((hot, "h"), (plain, "p")):
+        key = letter * MAX_IDEMPOTENCY_KEY_LENGTH
+        r = api.client.post(
+            "/v1/jobs", json=spec, headers={**tenant.headers, "Idempotency-Key": key}
+        )
+        assert r.status_code == 201, r.text
+    assert hot_calls.count("POST /v1/jobs") == 7
 
 
 def test_a_spec_over_the_limit_is_refused_unread(

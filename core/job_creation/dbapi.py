@@ -1,29 +1,61 @@
-"""The job intake's statements on SQLite (any database but PostgreSQL), sent to the DBAPI cursor.
+"""Job creation's statements on SQLite (any database but PostgreSQL), sent to the DBAPI cursor.
 
 Through SQLAlchemy's Core a statement costs 150-230 µs of Python (an execution context, each
 parameter processed, a result object): more than SQLite takes to run it, and paid by every
-batch of ``POST /v1/jobs``. Here each statement is rendered once per dialect and shape, and
+batch of jobs created. Here each statement is rendered once per dialect and shape, and
 every value is converted by the dialect's own type processors, so what is stored reads back
 through SQLAlchemy exactly as if SQLAlchemy had written it. PostgreSQL has its own path
-(``api/pg_intake.py``).
+(``core/job_creation/postgres.py``).
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Column, Connection, Table, bindparam, select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DataError, IntegrityError
+
+from core.models import Dataset, Model
 
 Processor = Callable[[Any], Any] | None
 # Positional paramstyles only: the values go in as tuples.
 _PLACEHOLDERS = {"qmark": "?", "format": "%s"}
+# What checking a spec reads of the uploads it names.
+MODEL_COLUMNS = ("id", "tenant_id", "format", "signature", "trainable", "arch", "parameters")
+DATASET_COLUMNS = ("id", "tenant_id", "info")
 
 
-def insert_rows(conn: Connection, inserts: Sequence[tuple[Table, list[dict[str, Any]]]]) -> None:
+class DbapiStatements:
+    """Job creation's statements sent to the DBAPI cursor (see the module's docstring); the
+    caller commits."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        driver = dialect.loaded_dbapi
+        self.integrity_errors = (IntegrityError, driver.IntegrityError)
+        self.data_errors = (DataError, driver.DataError)
+
+    def prepare(self, conn: Connection) -> Connection:
+        return conn
+
+    def read_uploads(
+        self, conn: Connection, model_ids: Collection[str], dataset_ids: Collection[str]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The models and the datasets with these ids, by id: one query each."""
+        models = _rows_by_id(conn, Model.__table__, MODEL_COLUMNS, list(model_ids))
+        datasets = _rows_by_id(conn, Dataset.__table__, DATASET_COLUMNS, list(dataset_ids))
+        return models, datasets
+
+    def insert(
+        self, conn: Connection, inserts: Sequence[tuple[Table, list[dict[str, Any]]]]
+    ) -> None:
+        _insert_rows(conn, inserts)
+
+
+def _insert_rows(conn: Connection, inserts: Sequence[tuple[Table, list[dict[str, Any]]]]) -> None:
     """Each table's rows (in the order given: a row's parent first), one executemany each, in
     the connection's transaction (the caller commits)."""
     cursor = conn.connection.driver_connection.cursor()
@@ -36,7 +68,7 @@ def insert_rows(conn: Connection, inserts: Sequence[tuple[Table, list[dict[str, 
         cursor.close()
 
 
-def rows_by_id(
+def _rows_by_id(
     conn: Connection, table: Table, columns: Sequence[str], ids: Sequence[str]
 ) -> dict[str, Any]:
     """The rows of ``table`` with these ids (named tuples of ``columns``, ``id`` first), by id."""
