@@ -9,7 +9,7 @@ chooses the distillation method, checks shapes and fills in every default.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -382,6 +382,18 @@ class CompressionSpec(StrictModel):
     quantize: Quantization = "none"
 
 
+class SpecRef(NamedTuple):
+    """A model the spec references, with the dotted field that names it."""
+
+    field: str
+    ref: ModelRef | StudentSpec
+
+    @property
+    def key(self) -> str | None:
+        """The upload's id, or the local file's path; None for a preset or derived student."""
+        return self.ref.model_id or self.ref.path
+
+
 class JobSpec(StrictModel):
     name: str | None = Field(default=None, max_length=200)
     teacher: ModelRef | None = None
@@ -418,6 +430,29 @@ class JobSpec(StrictModel):
             return list(self.teachers)
         assert self.teacher is not None
         return [WeightedModelRef(**self.teacher.model_dump())]
+
+    def teacher_fields(self) -> list[SpecRef]:
+        """Each teacher with its dotted field (``teacher``, or ``teachers.<i>``)."""
+        if self.teachers is not None:
+            return [SpecRef(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
+        assert self.teacher is not None
+        return [SpecRef("teacher", self.teacher)]
+
+    def student_field(self, index: int = 0) -> str:
+        """The dotted field of the chain's ``index``-th student."""
+        return f"stages.{index}.student" if self.stages is not None else "student"
+
+    def student_fields(self) -> list[SpecRef]:
+        """The students as given, each with its dotted field (none for a default student)."""
+        if self.stages is not None:
+            return [SpecRef(self.student_field(i), s.student) for i, s in enumerate(self.stages)]
+        return [SpecRef("student", self.student)] if self.student is not None else []
+
+    def model_refs(self) -> list[SpecRef]:
+        """Every model the spec names by ``model_id`` or ``path``: the teachers, then the
+        students (assistants of a chain included), in order, each with its dotted field."""
+        students = [r for r in self.student_fields() if r.key is not None]
+        return [*self.teacher_fields(), *students]
 
     def chain(self) -> list[StageSpec]:
         """The stages to run in order; a plain spec is a one-stage chain."""
@@ -561,11 +596,9 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
     """Infer the task, pick the method, check shapes and sizes; return the filled-in spec."""
     if not teachers:
         raise InvalidSpec("the spec names no teacher", field="teacher")
-    field_prefix = "teachers" if spec.teachers is not None else "teacher"
     first = teachers[0]
     _check_hf(spec, teachers, dataset)
-    for i, info in enumerate(teachers):
-        field = f"{field_prefix}.{i}" if spec.teachers is not None else field_prefix
+    for (field, _), info in zip(spec.teacher_fields(), teachers, strict=False):
         if info.hf is None:
             _check_input(info, dataset, field)
         if (info.outputs[0].shape or [])[1:] != (first.outputs[0].shape or [])[1:]:
@@ -649,7 +682,7 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
             raise InvalidSpec(
                 "shrink needs a teacher whose architecture is built in (a safetensors upload "
                 "with arch); use a preset student instead",
-                field=f"stages.{i}.student.shrink" if spec.stages else "student.shrink",
+                field=f"{spec.student_field(i)}.shrink",
             )
     return JobSpec.model_validate(data)
 
@@ -763,9 +796,7 @@ def default_hf_student(hf: dict[str, Any], task: str) -> FromTeacher:
 def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> None:
     """What an ``hf`` teacher needs of the spec and the dataset, and what only it allows."""
     first = teachers[0]
-    students = ([("student", spec.student)] if spec.student is not None else []) + [
-        (f"stages.{i}.student", s.student) for i, s in enumerate(spec.stages or [])
-    ]
+    students = spec.student_fields()
     exports_hf = "hf" in spec.export
     dataset_field = "dataset_id" if spec.dataset_id else "dataset_path"
     if first.hf is None:
@@ -937,7 +968,7 @@ def _check_student_inputs(spec: JobSpec, dataset: DatasetInfo) -> None:
         if problem:
             raise InvalidSpec(
                 problem,
-                field=f"stages.{i}.student.preset" if spec.stages else "student.preset",
+                field=f"{spec.student_field(i)}.preset",
             )
 
 

@@ -473,11 +473,9 @@ def _load_teachers(
     """Each teacher of the spec and its signature, probed on real inputs."""
     from core.distill.teachers import load_teacher
 
-    field = "teachers" if spec.teachers is not None else "teacher"
     loaded: list[Teacher] = []
     infos: list[ModelInfo] = []
-    for i, ref in enumerate(spec.teacher_refs()):
-        where = f"{field}.{i}" if spec.teachers is not None else field
+    for where, ref in spec.teacher_fields():
         key = model_key(ref)
         if key not in models:
             raise InvalidSpec(f"no model file was given for '{key}'", field=where)
