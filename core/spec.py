@@ -9,9 +9,10 @@ chooses the distillation method, checks shapes and fills in every default.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -195,7 +196,19 @@ class HintPair(StrictModel):
     student: str = Field(min_length=1)
 
 
-class _OutputKD(StrictModel):
+class MethodBase(StrictModel):
+    """A distillation method's settings. Its class flags say what the method needs, so that
+    checks read them instead of lists of method names."""
+
+    needs_teacher: ClassVar[bool] = True  # False: the labels-only baseline
+    reads_features: ClassVar[bool] = False  # reads the teacher's intermediate layers
+    causal_lm: ClassVar[bool] = False  # available for causal language models
+    causal_only: ClassVar[bool] = False  # a per-token loss of causal language models alone
+    hf_only: ClassVar[bool] = False  # maps the layers of a Hugging Face teacher and student
+    needs_prompts: ClassVar[bool] = False  # completes the dataset's prompts
+
+
+class _OutputKD(MethodBase):
     # "auto": chosen by training.tune (4.0 and 0.9 without it); a number is never tuned.
     temperature: Auto(float, gt=0, le=100) = 4.0  # type: ignore[valid-type]
     alpha: Auto(float, ge=0, le=1) = Field(  # type: ignore[valid-type]
@@ -206,10 +219,11 @@ class _OutputKD(StrictModel):
 class KDMethod(_OutputKD):
     """Hinton et al. 2015."""
 
+    causal_lm = True
     method: Literal["kd"] = "kd"
 
 
-class MSEMethod(StrictModel):
+class MSEMethod(MethodBase):
     """Match the teacher's outputs (regression, embeddings, or logits)."""
 
     method: Literal["mse"] = "mse"
@@ -218,7 +232,7 @@ class MSEMethod(StrictModel):
     cosine_weight: float = Field(default=0.0, ge=0)
 
 
-class DKDMethod(StrictModel):
+class DKDMethod(MethodBase):
     """Decoupled KD, Zhao et al. 2022."""
 
     method: Literal["dkd"] = "dkd"
@@ -232,6 +246,7 @@ class DKDMethod(StrictModel):
 class FitNetMethod(_OutputKD):
     """FitNets hint learning, Romero et al. 2015 (plus output KD)."""
 
+    reads_features = True
     method: Literal["fitnet"] = "fitnet"
     hints: list[HintPair] = Field(default_factory=list)  # empty: the penultimate features
     hint_weight: float = Field(default=1.0, ge=0)
@@ -240,6 +255,7 @@ class FitNetMethod(_OutputKD):
 class AttentionMethod(_OutputKD):
     """Attention transfer, Zagoruyko & Komodakis 2017 (plus output KD)."""
 
+    reads_features = True
     method: Literal["attention"] = "attention"
     hints: list[HintPair] = Field(default_factory=list)
     beta: float = Field(default=1000.0, ge=0)
@@ -252,6 +268,7 @@ class AttentionMethod(_OutputKD):
 class ReverseKLMethod(_OutputKD):
     """Reverse KL(student ‖ teacher) per token, mode-seeking (Gu et al. 2024, MiniLLM)."""
 
+    causal_lm = causal_only = True
     method: Literal["reverse_kl"] = "reverse_kl"
 
 
@@ -259,6 +276,7 @@ class JSDMethod(_OutputKD):
     """Generalised Jensen–Shannon divergence per token (Agarwal et al. 2024, GKD): β = 0 is
     forward KL, β = 1 reverse KL."""
 
+    causal_lm = causal_only = True
     method: Literal["jsd"] = "jsd"
     beta: float = Field(default=0.5, ge=0, le=1)
 
@@ -272,17 +290,19 @@ class GenerateSpec(StrictModel):
     samples: int = Field(default=1, ge=1, le=16)  # seqkd: completions per prompt
 
 
-class SeqKDMethod(StrictModel):
+class SeqKDMethod(MethodBase):
     """Sequence-level KD (Kim & Rush 2016): the student learns the teacher's completions."""
 
+    causal_lm = causal_only = needs_prompts = True
     method: Literal["seqkd"] = "seqkd"
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
 
 
-class GKDMethod(StrictModel):
+class GKDMethod(MethodBase):
     """On-policy generalised KD (Agarwal et al. 2024): with probability λ a batch is the
     student's own completions of the prompts, scored per token by the teacher with JSD_β."""
 
+    causal_lm = causal_only = needs_prompts = True
     method: Literal["gkd"] = "gkd"
     lmbda: float = Field(default=0.5, ge=0, le=1)
     beta: float = Field(default=0.5, ge=0, le=1)
@@ -294,6 +314,7 @@ class GKDMethod(StrictModel):
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
+    reads_features = hf_only = True
     method: Literal["hidden"] = "hidden"
     # student layer i (0 = embeddings) → teacher layer; default: uniform (TinyBERT)
     layer_map: list[int] | None = Field(default=None, max_length=257)
@@ -303,37 +324,52 @@ class HiddenMethod(_OutputKD):
 class RKDMethod(_OutputKD):
     """Relational KD, Park et al. 2019 (plus output KD)."""
 
+    reads_features = True
     method: Literal["rkd"] = "rkd"
     distance_weight: float = Field(default=25.0, ge=0)
     angle_weight: float = Field(default=50.0, ge=0)
 
 
-DistillationSpec = Annotated[
-    KDMethod
-    | MSEMethod
-    | DKDMethod
-    | FitNetMethod
-    | AttentionMethod
-    | RKDMethod
-    | HiddenMethod
-    | ReverseKLMethod
-    | JSDMethod
-    | SeqKDMethod
-    | GKDMethod,
-    Field(discriminator="method"),
-]
-METHODS = (
-    *("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden"),
-    *("reverse_kl", "jsd", "seqkd", "gkd"),
-)
-CAUSAL_METHODS = ("kd", "reverse_kl", "jsd", "seqkd", "gkd")  # methods of causal LMs
-PROMPT_METHODS = ("seqkd", "gkd")  # they need prompts to complete
-FEATURE_METHODS = (
-    "fitnet",
-    "attention",
-    "rkd",
-    "hidden",
-)  # they read the teacher's intermediate layers
+class BaselineSpec(MethodBase):
+    """Labels only, no teacher: what every job with labels also trains, to compare."""
+
+    needs_teacher = False
+    method: Literal["baseline"] = "baseline"
+
+
+# Every method's settings, by name. A new method adds its class here (and its module to
+# core/distill/methods/__init__.py).
+METHOD_SPECS: dict[str, type[MethodBase]] = {
+    cls.model_fields["method"].default: cls
+    for cls in (
+        *(KDMethod, MSEMethod, DKDMethod, FitNetMethod, AttentionMethod, RKDMethod),
+        *(HiddenMethod, ReverseKLMethod, JSDMethod, SeqKDMethod, GKDMethod, BaselineSpec),
+    )
+}
+MethodSpec = Annotated[Union[tuple(METHOD_SPECS.values())], Field(discriminator="method")]  # noqa: UP007
+
+
+def method_names(**flags: bool) -> list[str]:
+    """The names of the methods whose class flags have the given values, in order."""
+    return [
+        name
+        for name, cls in METHOD_SPECS.items()
+        if all(getattr(cls, flag) == value for flag, value in flags.items())
+    ]
+
+
+def _taught(method: MethodBase) -> MethodBase:
+    if not method.needs_teacher:
+        raise ValueError(
+            f"method: '{method.method}' is the labels-only run that a job with labels makes "
+            "beside the distilled student (training.baseline); choose a distillation method"
+        )
+    return method
+
+
+# A job's methods: every one that learns from a teacher.
+DistillationSpec = Annotated[MethodSpec, AfterValidator(_taught)]
+METHODS = tuple(method_names(needs_teacher=True))
 
 
 class StageSpec(StrictModel):
@@ -538,6 +574,12 @@ def _problem(error: Any) -> dict[str, str]:
     """A pydantic error as {"field": dotted path, "message": text}."""
     field = ".".join(str(p) for p in error["loc"] if not _is_union_tag(p))
     msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid" and isinstance(error.get("input"), dict):
+        name = error["input"].get("method")
+        return {
+            "field": f"{field}.method" if field else "method",
+            "message": f"unknown method '{name}'; use one of: {', '.join(METHODS)}",
+        }
     # Model-level validators name their field as "field: message".
     head, sep, rest = msg.partition(": ")
     if sep and " " not in head:
@@ -550,7 +592,9 @@ def _is_union_tag(part: Any) -> bool:
     # pydantic puts the discriminator value ("kd", "mse", …) and the union member of an "auto"
     # field ("constrained-int", "literal['auto']") into error locations.
     return isinstance(part, str) and (
-        part in METHODS or part.startswith(("constrained-", "literal[")) or part in ("int", "float")
+        part in METHOD_SPECS
+        or part.startswith(("constrained-", "literal["))
+        or part in ("int", "float")
     )
 
 
@@ -808,16 +852,16 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                         f"{first.format} file: use a preset, shrink or an uploaded student",
                         field=f"{where}.{key}",
                     )
-        method = spec.distillation.method if spec.distillation else None
-        if method in ("reverse_kl", "jsd", "seqkd", "gkd"):
+        method = spec.distillation
+        if method is not None and method.causal_only:
             raise InvalidSpec(
-                f"method '{method}' is a per-token loss of causal language models; this teacher "
-                "is not one: use 'kd'",
+                f"method '{method.method}' is a per-token loss of causal language models; this "
+                "teacher is not one: use 'kd'",
                 field="distillation.method",
             )
-        if method == "hidden":
+        if method is not None and method.hf_only:
             raise InvalidSpec(
-                "method 'hidden' maps a Hugging Face teacher's hidden states; for other "
+                f"method '{method.method}' maps a Hugging Face teacher's layers; for other "
                 "teachers use 'fitnet'",
                 field="distillation.method",
             )
@@ -829,16 +873,16 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
         return
     hf = first.hf
     if hf.get("task") == "causal_lm":
-        method = spec.distillation.method if spec.distillation else "kd"
-        if method not in CAUSAL_METHODS:
+        method = spec.distillation or KDMethod()
+        if not method.causal_lm:
             raise InvalidSpec(
-                f"method '{method}' is not available for a causal language model; use one of "
-                f"{', '.join(CAUSAL_METHODS)}",
+                f"method '{method.method}' is not available for a causal language model; use "
+                f"one of {', '.join(method_names(causal_lm=True))}",
                 field="distillation.method",
             )
-        if method in PROMPT_METHODS and not dataset.prompts:
+        if method.needs_prompts and not dataset.prompts:
             raise InvalidSpec(
-                f"method '{method}' completes prompts, and the dataset has none; upload a "
+                f"method '{method.method}' completes prompts, and the dataset has none; upload a "
                 '.jsonl with {"prompt": ...} lines (a completion is optional)',
                 field=dataset_field,
             )
@@ -904,7 +948,7 @@ def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
     teacher whose layers can be read: refused here rather than when the job runs."""
     own = spec.stages is not None and spec.stages[0].distillation is not None
     method = spec.stages[0].distillation if own else spec.distillation  # as chain() falls back
-    if method is None or method.method not in FEATURE_METHODS:
+    if method is None or not method.reads_features:
         return
     field = "stages.0.distillation.method" if own else "distillation.method"
     if len(teachers) > 1:
