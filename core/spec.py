@@ -872,6 +872,7 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
             )
         return
     hf = first.hf
+    _check_layer_map(spec, int(hf.get("num_layers") or 0))
     if hf.get("task") == "causal_lm":
         method = spec.distillation or KDMethod()
         if not method.causal_lm:
@@ -941,6 +942,21 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                 "make it smaller with fewer layers",
                 field=f"{where}.from_teacher.hidden_size",
             )
+
+
+def _check_layer_map(spec: JobSpec, n_teacher: int) -> None:
+    """A method's ``layer_map`` names layers the hf teacher has (0: its embeddings)."""
+    layers = getattr(spec.distillation, "layer_map", None)
+    if not layers or not n_teacher:
+        return
+    wrong = [g for g in layers if not 0 <= g <= n_teacher]
+    if wrong:
+        raise InvalidSpec(
+            f"layer_map lists teacher layers {wrong[:5]}, and the teacher has layers "
+            f"0..{n_teacher} (0: its embeddings); give one teacher layer per student layer, "
+            "each in that range",
+            field="distillation.layer_map",
+        )
 
 
 def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:

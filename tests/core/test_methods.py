@@ -417,3 +417,12 @@ def test_each_method_trains_far_above_chance(name, digits, digits_teacher):
     acc = accuracy(result.student, digits["x_test"], digits["y_test"])
     assert acc > 0.7, f"{name}: test accuracy {acc:.3f}"
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_causal_lm_methods_have_their_own_registry_entries():
+    from core.distill.methods import build_token_method, method_names
+
+    assert {"kd", "reverse_kl", "jsd", "gkd"} <= set(method_names(tokens=True))
+    with pytest.raises(InvalidSpec, match="no per-token form") as err:
+        build_token_method("dkd", student=mlp(), teacher=None)
+    assert err.value.field == "distillation.method"

@@ -11,9 +11,12 @@ from core.distill.methods import (  # noqa: F401 - imported to register
     dkd,
     fitnet,
     hidden,
+    jsd,
     kd,
     mse,
+    reverse_kl,
     rkd,
+    token_kd,
 )
 from core.distill.methods.base import Batch, DistillMethod
 from core.distill.methods.registry import (
