@@ -314,7 +314,7 @@ class GKDMethod(MethodBase):
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
-    reads_features = hf_only = True
+    reads_features = hf_only = causal_lm = True
     method: Literal["hidden"] = "hidden"
     # student layer i (0 = embeddings) → teacher layer; default: uniform (TinyBERT)
     layer_map: list[int] | None = Field(default=None, max_length=257)

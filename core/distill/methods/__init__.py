@@ -8,6 +8,7 @@ from __future__ import annotations
 from core.distill.methods import (  # noqa: F401 - imported to register
     attention,
     baseline,
+    causal_hidden,
     dkd,
     fitnet,
     hidden,
