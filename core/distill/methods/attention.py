@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, output_kd, resolve_hints
+from core.distill.methods.base import Batch, DistillMethod, Losses, resolve_hints
 from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.errors import InvalidSpec
@@ -82,16 +82,8 @@ class Attention(DistillMethod):
         )
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
-        assert batch.teacher_out is not None
         spec = self.spec
-        losses = output_kd(
-            out,
-            batch.y,
-            batch.teacher_out,
-            task=self.task,
-            temperature=spec.temperature,
-            alpha=spec.alpha,
-        )
+        losses = self.output_losses(out, batch)
         at = out.new_zeros((), dtype=out.float().dtype)
         for pair in self.needs_features:
             f_s, f_t = feats[pair.student], batch.teacher_feats[pair.teacher]

@@ -64,6 +64,16 @@ class DistillMethod(nn.Module):
         """The losses from the student's outputs and features on ``batch``."""
         raise NotImplementedError
 
+    def output_losses(self, out: Tensor, batch: Batch) -> Losses:
+        """Output KD at the spec's ``temperature`` and ``alpha``: what every method "plus
+        output KD" starts from."""
+        assert batch.teacher_out is not None
+        spec = self.spec  # type: ignore[attr-defined]
+        return output_kd(
+            out, batch.y, batch.teacher_out, task=self.task,
+            temperature=spec.temperature, alpha=spec.alpha,
+        )  # fmt: skip
+
     def teacher_layers(self) -> list[str]:
         """Teacher layers whose outputs the trainer must supply."""
         return list(dict.fromkeys(h.teacher for h in self.needs_features))

@@ -20,7 +20,6 @@ from core.distill.methods.base import (
     DistillMethod,
     Losses,
     as_vector,
-    output_kd,
     resolve_hints,
 )
 from core.distill.methods.registry import register_method
@@ -47,16 +46,8 @@ class FitNet(DistillMethod):
         self.projectors = nn.ModuleDict()
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
-        assert batch.teacher_out is not None
         spec = self.spec
-        losses = output_kd(
-            out,
-            batch.y,
-            batch.teacher_out,
-            task=self.task,
-            temperature=spec.temperature,
-            alpha=spec.alpha,
-        )
+        losses = self.output_losses(out, batch)
         hint = out.new_zeros((), dtype=out.float().dtype)
         for i, pair in enumerate(self.needs_features):
             hint = hint + self._hint(str(i), feats[pair.student], batch.teacher_feats[pair.teacher])

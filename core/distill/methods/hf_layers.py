@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, output_kd, require_teacher
+from core.distill.methods.base import Batch, DistillMethod, Losses, require_teacher
 from core.distill.types import Teacher
 from core.errors import InvalidSpec
 
@@ -80,12 +80,7 @@ class MappedLayers(DistillMethod):
         return self.student.run(x, **self.run_options)  # type: ignore[operator]
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
-        assert batch.teacher_out is not None
-        spec = self.spec
-        losses = output_kd(
-            out, batch.y, batch.teacher_out, task=self.task,
-            temperature=spec.temperature, alpha=spec.alpha,
-        )  # fmt: skip
+        losses = self.output_losses(out, batch)
         mask = batch.x[:, 1]  # the tokens the attention mask keeps
         term = self.layer_term(feats, batch.teacher_feats, mask)
         losses[self.part] = term

@@ -22,7 +22,6 @@ from core.distill.methods.base import (
     DistillMethod,
     Losses,
     as_vector,
-    output_kd,
     resolve_hints,
 )
 from core.distill.methods.registry import register_method
@@ -49,19 +48,11 @@ class RKD(DistillMethod):
         self.needs_features = resolve_hints([], student, teacher, "rkd")
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
-        assert batch.teacher_out is not None
         spec = self.spec
         pair = self.needs_features[0]
         e_s = as_vector(feats[pair.student])
         e_t = as_vector(batch.teacher_feats[pair.teacher])
-        losses = output_kd(
-            out,
-            batch.y,
-            batch.teacher_out,
-            task=self.task,
-            temperature=spec.temperature,
-            alpha=spec.alpha,
-        )
+        losses = self.output_losses(out, batch)
         if len(e_s) < 3:  # no pairs or angles to compare
             zero = e_s.sum() * 0.0
             distance, angle = zero, zero
