@@ -115,8 +115,9 @@ def _inputs(
     """The teachers' and the dataset's recorded shapes, after the base spec is checked as a
     job (the errors name the same fields as ``POST /v1/jobs``)."""
     resolve_spec(uploads, tenant, spec, settings)
-    refs = [spec.teacher] if spec.teacher is not None else list(spec.teachers or [])
-    teachers = [model_info(_model_for(uploads, tenant, ref, "teacher")) for ref in refs]
+    teachers = [
+        model_info(_model_for(uploads, tenant, ref, name)) for name, ref in spec.teacher_fields()
+    ]
     info = uploads.dataset_info(tenant, spec.dataset_id or "")
     assert info is not None  # resolve_spec checked it
     return teachers, DatasetInfo.model_validate(info)

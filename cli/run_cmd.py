@@ -20,7 +20,7 @@ from cli.render import render_result
 from client.progress import JobProgress
 from core.distill.types import ModelFile, ProgressFn
 from core.errors import DistillError, InvalidSpec, job_error
-from core.spec import JobSpec, ModelRef, StudentSpec, parse_spec
+from core.spec import JobSpec, parse_spec
 
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
@@ -44,25 +44,13 @@ def load_spec_file(path: Path) -> JobSpec:
             "dataset_id names an uploaded dataset; a local run takes dataset_path: FILE",
             field="dataset_id",
         )
-    for field, ref in _model_refs(spec):
+    for field, ref in spec.model_refs():
         if ref.model_id is not None:
             raise InvalidSpec(
                 "model_id names an uploaded model; a local run takes path: FILE instead",
                 field=f"{field}.model_id",
             )
     return spec
-
-
-def _model_refs(spec: JobSpec) -> list[tuple[str, ModelRef | StudentSpec]]:
-    """Every model reference in the spec with its dotted field."""
-    refs: list[tuple[str, ModelRef | StudentSpec]] = []
-    if spec.teacher is not None:
-        refs.append(("teacher", spec.teacher))
-    refs.extend((f"teachers.{i}", t) for i, t in enumerate(spec.teachers or []))
-    if spec.student is not None:
-        refs.append(("student", spec.student))
-    refs.extend((f"stages.{i}.student", s.student) for i, s in enumerate(spec.stages or []))
-    return [(f, r) for f, r in refs if r.model_id is not None or r.path is not None]
 
 
 def resolve(base: Path, path: str) -> Path:
@@ -84,7 +72,7 @@ def model_files(spec: JobSpec, base: Path) -> dict[str, ModelFile]:
     if not isolation.caged:
         isolation = cage.isolation("off")
     files: dict[str, ModelFile] = {}
-    for field, ref in _model_refs(spec):
+    for field, ref in spec.model_refs():
         assert ref.path is not None
         if ref.path in files:
             continue

@@ -52,8 +52,8 @@ def estimate_job(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo)
         n_train = int(n_train * (1 - spec.training.val_fraction))
     steps_per_epoch = math.ceil(max(n_train, 1) / batch)
     # A completed spec has its students filled in (chain() would validate them again).
-    students = [stage.student for stage in spec.stages] if spec.stages else [spec.student]
-    sizes = [_student(s or StudentSpec(), sample, tokens, outputs) for s in students]
+    students = [r.ref for r in spec.student_fields()] or [StudentSpec()]
+    sizes = [_student(s, sample, tokens, outputs) for s in students]  # type: ignore[arg-type]
     runs = len(sizes) + (1 if spec.training.baseline and dataset.has_labels else 0)
     memory = max(
         s.parameters * BYTES_PER_PARAMETER + batch * s.activations * BYTES_PER_ACTIVATION

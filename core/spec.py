@@ -9,9 +9,10 @@ chooses the distillation method, checks shapes and fills in every default.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -195,7 +196,19 @@ class HintPair(StrictModel):
     student: str = Field(min_length=1)
 
 
-class _OutputKD(StrictModel):
+class MethodBase(StrictModel):
+    """A distillation method's settings. Its class flags say what the method needs, so that
+    checks read them instead of lists of method names."""
+
+    needs_teacher: ClassVar[bool] = True  # False: the labels-only baseline
+    reads_features: ClassVar[bool] = False  # reads the teacher's intermediate layers
+    causal_lm: ClassVar[bool] = False  # available for causal language models
+    causal_only: ClassVar[bool] = False  # a per-token loss of causal language models alone
+    hf_only: ClassVar[bool] = False  # maps the layers of a Hugging Face teacher and student
+    needs_prompts: ClassVar[bool] = False  # completes the dataset's prompts
+
+
+class _OutputKD(MethodBase):
     # "auto": chosen by training.tune (4.0 and 0.9 without it); a number is never tuned.
     temperature: Auto(float, gt=0, le=100) = 4.0  # type: ignore[valid-type]
     alpha: Auto(float, ge=0, le=1) = Field(  # type: ignore[valid-type]
@@ -206,10 +219,11 @@ class _OutputKD(StrictModel):
 class KDMethod(_OutputKD):
     """Hinton et al. 2015."""
 
+    causal_lm = True
     method: Literal["kd"] = "kd"
 
 
-class MSEMethod(StrictModel):
+class MSEMethod(MethodBase):
     """Match the teacher's outputs (regression, embeddings, or logits)."""
 
     method: Literal["mse"] = "mse"
@@ -218,7 +232,7 @@ class MSEMethod(StrictModel):
     cosine_weight: float = Field(default=0.0, ge=0)
 
 
-class DKDMethod(StrictModel):
+class DKDMethod(MethodBase):
     """Decoupled KD, Zhao et al. 2022."""
 
     method: Literal["dkd"] = "dkd"
@@ -232,6 +246,7 @@ class DKDMethod(StrictModel):
 class FitNetMethod(_OutputKD):
     """FitNets hint learning, Romero et al. 2015 (plus output KD)."""
 
+    reads_features = True
     method: Literal["fitnet"] = "fitnet"
     hints: list[HintPair] = Field(default_factory=list)  # empty: the penultimate features
     hint_weight: float = Field(default=1.0, ge=0)
@@ -240,6 +255,7 @@ class FitNetMethod(_OutputKD):
 class AttentionMethod(_OutputKD):
     """Attention transfer, Zagoruyko & Komodakis 2017 (plus output KD)."""
 
+    reads_features = True
     method: Literal["attention"] = "attention"
     hints: list[HintPair] = Field(default_factory=list)
     beta: float = Field(default=1000.0, ge=0)
@@ -252,6 +268,7 @@ class AttentionMethod(_OutputKD):
 class ReverseKLMethod(_OutputKD):
     """Reverse KL(student ‖ teacher) per token, mode-seeking (Gu et al. 2024, MiniLLM)."""
 
+    causal_lm = causal_only = True
     method: Literal["reverse_kl"] = "reverse_kl"
 
 
@@ -259,6 +276,7 @@ class JSDMethod(_OutputKD):
     """Generalised Jensen–Shannon divergence per token (Agarwal et al. 2024, GKD): β = 0 is
     forward KL, β = 1 reverse KL."""
 
+    causal_lm = causal_only = True
     method: Literal["jsd"] = "jsd"
     beta: float = Field(default=0.5, ge=0, le=1)
 
@@ -272,17 +290,19 @@ class GenerateSpec(StrictModel):
     samples: int = Field(default=1, ge=1, le=16)  # seqkd: completions per prompt
 
 
-class SeqKDMethod(StrictModel):
+class SeqKDMethod(MethodBase):
     """Sequence-level KD (Kim & Rush 2016): the student learns the teacher's completions."""
 
+    causal_lm = causal_only = needs_prompts = True
     method: Literal["seqkd"] = "seqkd"
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
 
 
-class GKDMethod(StrictModel):
+class GKDMethod(MethodBase):
     """On-policy generalised KD (Agarwal et al. 2024): with probability λ a batch is the
     student's own completions of the prompts, scored per token by the teacher with JSD_β."""
 
+    causal_lm = causal_only = needs_prompts = True
     method: Literal["gkd"] = "gkd"
     lmbda: float = Field(default=0.5, ge=0, le=1)
     beta: float = Field(default=0.5, ge=0, le=1)
@@ -294,6 +314,7 @@ class GKDMethod(StrictModel):
 class HiddenMethod(_OutputKD):
     """Hidden-state distillation, TinyBERT (Jiao et al. 2020) / FitNets (plus output KD)."""
 
+    reads_features = hf_only = causal_lm = True
     method: Literal["hidden"] = "hidden"
     # student layer i (0 = embeddings) → teacher layer; default: uniform (TinyBERT)
     layer_map: list[int] | None = Field(default=None, max_length=257)
@@ -303,37 +324,52 @@ class HiddenMethod(_OutputKD):
 class RKDMethod(_OutputKD):
     """Relational KD, Park et al. 2019 (plus output KD)."""
 
+    reads_features = True
     method: Literal["rkd"] = "rkd"
     distance_weight: float = Field(default=25.0, ge=0)
     angle_weight: float = Field(default=50.0, ge=0)
 
 
-DistillationSpec = Annotated[
-    KDMethod
-    | MSEMethod
-    | DKDMethod
-    | FitNetMethod
-    | AttentionMethod
-    | RKDMethod
-    | HiddenMethod
-    | ReverseKLMethod
-    | JSDMethod
-    | SeqKDMethod
-    | GKDMethod,
-    Field(discriminator="method"),
-]
-METHODS = (
-    *("kd", "mse", "dkd", "fitnet", "attention", "rkd", "hidden"),
-    *("reverse_kl", "jsd", "seqkd", "gkd"),
-)
-CAUSAL_METHODS = ("kd", "reverse_kl", "jsd", "seqkd", "gkd")  # methods of causal LMs
-PROMPT_METHODS = ("seqkd", "gkd")  # they need prompts to complete
-FEATURE_METHODS = (
-    "fitnet",
-    "attention",
-    "rkd",
-    "hidden",
-)  # they read the teacher's intermediate layers
+class BaselineSpec(MethodBase):
+    """Labels only, no teacher: what every job with labels also trains, to compare."""
+
+    needs_teacher = False
+    method: Literal["baseline"] = "baseline"
+
+
+# Every method's settings, by name. A new method adds its class here (and its module to
+# core/distill/methods/__init__.py).
+METHOD_SPECS: dict[str, type[MethodBase]] = {
+    cls.model_fields["method"].default: cls
+    for cls in (
+        *(KDMethod, MSEMethod, DKDMethod, FitNetMethod, AttentionMethod, RKDMethod),
+        *(HiddenMethod, ReverseKLMethod, JSDMethod, SeqKDMethod, GKDMethod, BaselineSpec),
+    )
+}
+MethodSpec = Annotated[Union[tuple(METHOD_SPECS.values())], Field(discriminator="method")]  # noqa: UP007
+
+
+def method_names(**flags: bool) -> list[str]:
+    """The names of the methods whose class flags have the given values, in order."""
+    return [
+        name
+        for name, cls in METHOD_SPECS.items()
+        if all(getattr(cls, flag) == value for flag, value in flags.items())
+    ]
+
+
+def _taught(method: MethodBase) -> MethodBase:
+    if not method.needs_teacher:
+        raise ValueError(
+            f"method: '{method.method}' is the labels-only run that a job with labels makes "
+            "beside the distilled student (training.baseline); choose a distillation method"
+        )
+    return method
+
+
+# A job's methods: every one that learns from a teacher.
+DistillationSpec = Annotated[MethodSpec, AfterValidator(_taught)]
+METHODS = tuple(method_names(needs_teacher=True))
 
 
 class StageSpec(StrictModel):
@@ -387,6 +423,18 @@ class CompressionSpec(StrictModel):
     quantize: Quantization = "none"
 
 
+class SpecRef(NamedTuple):
+    """A model the spec references, with the dotted field that names it."""
+
+    field: str
+    ref: ModelRef | StudentSpec
+
+    @property
+    def key(self) -> str | None:
+        """The upload's id, or the local file's path; None for a preset or derived student."""
+        return self.ref.model_id or self.ref.path
+
+
 class JobSpec(StrictModel):
     name: str | None = Field(default=None, max_length=200)
     teacher: ModelRef | None = None
@@ -423,6 +471,29 @@ class JobSpec(StrictModel):
             return list(self.teachers)
         assert self.teacher is not None
         return [WeightedModelRef(**self.teacher.model_dump())]
+
+    def teacher_fields(self) -> list[SpecRef]:
+        """Each teacher with its dotted field (``teacher``, or ``teachers.<i>``)."""
+        if self.teachers is not None:
+            return [SpecRef(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
+        assert self.teacher is not None
+        return [SpecRef("teacher", self.teacher)]
+
+    def student_field(self, index: int = 0) -> str:
+        """The dotted field of the chain's ``index``-th student."""
+        return f"stages.{index}.student" if self.stages is not None else "student"
+
+    def student_fields(self) -> list[SpecRef]:
+        """The students as given, each with its dotted field (none for a default student)."""
+        if self.stages is not None:
+            return [SpecRef(self.student_field(i), s.student) for i, s in enumerate(self.stages)]
+        return [SpecRef("student", self.student)] if self.student is not None else []
+
+    def model_refs(self) -> list[SpecRef]:
+        """Every model the spec names by ``model_id`` or ``path``: the teachers, then the
+        students (assistants of a chain included), in order, each with its dotted field."""
+        students = [r for r in self.student_fields() if r.key is not None]
+        return [*self.teacher_fields(), *students]
 
     def chain(self) -> list[StageSpec]:
         """The stages to run in order; a plain spec is a one-stage chain."""
@@ -508,6 +579,12 @@ def _problem(error: Any) -> dict[str, str]:
     """A pydantic error as {"field": dotted path, "message": text}."""
     field = ".".join(str(p) for p in error["loc"] if not _is_union_tag(p))
     msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid" and isinstance(error.get("input"), dict):
+        name = error["input"].get("method")
+        return {
+            "field": f"{field}.method" if field else "method",
+            "message": f"unknown method '{name}'; use one of: {', '.join(METHODS)}",
+        }
     # Model-level validators name their field as "field: message".
     head, sep, rest = msg.partition(": ")
     if sep and " " not in head:
@@ -520,7 +597,9 @@ def _is_union_tag(part: Any) -> bool:
     # pydantic puts the discriminator value ("kd", "mse", …) and the union member of an "auto"
     # field ("constrained-int", "literal['auto']") into error locations.
     return isinstance(part, str) and (
-        part in METHODS or part.startswith(("constrained-", "literal[")) or part in ("int", "float")
+        part in METHOD_SPECS
+        or part.startswith(("constrained-", "literal["))
+        or part in ("int", "float")
     )
 
 
@@ -566,11 +645,9 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
     """Infer the task, pick the method, check shapes and sizes; return the filled-in spec."""
     if not teachers:
         raise InvalidSpec("the spec names no teacher", field="teacher")
-    field_prefix = "teachers" if spec.teachers is not None else "teacher"
     first = teachers[0]
     _check_hf(spec, teachers, dataset)
-    for i, info in enumerate(teachers):
-        field = f"{field_prefix}.{i}" if spec.teachers is not None else field_prefix
+    for (field, _), info in zip(spec.teacher_fields(), teachers, strict=False):
         if info.hf is None:
             _check_input(info, dataset, field)
         if (info.outputs[0].shape or [])[1:] != (first.outputs[0].shape or [])[1:]:
@@ -654,7 +731,7 @@ def complete_spec(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo
             raise InvalidSpec(
                 "shrink needs a teacher whose architecture is built in (a safetensors upload "
                 "with arch); use a preset student instead",
-                field=f"stages.{i}.student.shrink" if spec.stages else "student.shrink",
+                field=f"{spec.student_field(i)}.shrink",
             )
     return JobSpec.model_validate(data)
 
@@ -801,9 +878,7 @@ def _check_lm_options(spec: JobSpec, teacher: ModelInfo) -> None:
 def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) -> None:
     """What an ``hf`` teacher needs of the spec and the dataset, and what only it allows."""
     first = teachers[0]
-    students = ([("student", spec.student)] if spec.student is not None else []) + [
-        (f"stages.{i}.student", s.student) for i, s in enumerate(spec.stages or [])
-    ]
+    students = spec.student_fields()
     exports_hf = "hf" in spec.export
     dataset_field = "dataset_id" if spec.dataset_id else "dataset_path"
     _check_lm_options(spec, first)
@@ -816,16 +891,16 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
                         f"{first.format} file: use a preset, shrink or an uploaded student",
                         field=f"{where}.{key}",
                     )
-        method = spec.distillation.method if spec.distillation else None
-        if method in ("reverse_kl", "jsd", "seqkd", "gkd"):
+        method = spec.distillation
+        if method is not None and method.causal_only:
             raise InvalidSpec(
-                f"method '{method}' is a per-token loss of causal language models; this teacher "
-                "is not one: use 'kd'",
+                f"method '{method.method}' is a per-token loss of causal language models; this "
+                "teacher is not one: use 'kd'",
                 field="distillation.method",
             )
-        if method == "hidden":
+        if method is not None and method.hf_only:
             raise InvalidSpec(
-                "method 'hidden' maps a Hugging Face teacher's hidden states; for other "
+                f"method '{method.method}' maps a Hugging Face teacher's layers; for other "
                 "teachers use 'fitnet'",
                 field="distillation.method",
             )
@@ -836,17 +911,18 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
             )
         return
     hf = first.hf
+    _check_layer_map(spec, int(hf.get("num_layers") or 0))
     if hf.get("task") == "causal_lm":
-        method = spec.distillation.method if spec.distillation else "kd"
-        if method not in CAUSAL_METHODS:
+        method = spec.distillation or KDMethod()
+        if not method.causal_lm:
             raise InvalidSpec(
-                f"method '{method}' is not available for a causal language model; use one of "
-                f"{', '.join(CAUSAL_METHODS)}",
+                f"method '{method.method}' is not available for a causal language model; use "
+                f"one of {', '.join(method_names(causal_lm=True))}",
                 field="distillation.method",
             )
-        if method in PROMPT_METHODS and not dataset.prompts:
+        if method.needs_prompts and not dataset.prompts:
             raise InvalidSpec(
-                f"method '{method}' completes prompts, and the dataset has none; upload a "
+                f"method '{method.method}' completes prompts, and the dataset has none; upload a "
                 '.jsonl with {"prompt": ...} lines (a completion is optional)',
                 field=dataset_field,
             )
@@ -907,12 +983,27 @@ def _check_hf(spec: JobSpec, teachers: list[ModelInfo], dataset: DatasetInfo) ->
             )
 
 
+def _check_layer_map(spec: JobSpec, n_teacher: int) -> None:
+    """A method's ``layer_map`` names layers the hf teacher has (0: its embeddings)."""
+    layers = getattr(spec.distillation, "layer_map", None)
+    if not layers or not n_teacher:
+        return
+    wrong = [g for g in layers if not 0 <= g <= n_teacher]
+    if wrong:
+        raise InvalidSpec(
+            f"layer_map lists teacher layers {wrong[:5]}, and the teacher has layers "
+            f"0..{n_teacher} (0: its embeddings); give one teacher layer per student layer, "
+            "each in that range",
+            field="distillation.layer_map",
+        )
+
+
 def _check_feature_method(spec: JobSpec, teachers: list[ModelInfo]) -> None:
     """A feature method in the first stage (the one the uploaded teacher teaches) needs one
     teacher whose layers can be read: refused here rather than when the job runs."""
     own = spec.stages is not None and spec.stages[0].distillation is not None
     method = spec.stages[0].distillation if own else spec.distillation  # as chain() falls back
-    if method is None or method.method not in FEATURE_METHODS:
+    if method is None or not method.reads_features:
         return
     field = "stages.0.distillation.method" if own else "distillation.method"
     if len(teachers) > 1:
@@ -976,7 +1067,7 @@ def _check_student_inputs(spec: JobSpec, dataset: DatasetInfo) -> None:
         if problem:
             raise InvalidSpec(
                 problem,
-                field=f"stages.{i}.student.preset" if spec.stages else "student.preset",
+                field=f"{spec.student_field(i)}.preset",
             )
 
 

@@ -218,8 +218,7 @@ def _prepare(
     """Download the job's models and dataset; the child's payload."""
     bind_log_context(tenant=job.tenant_id)
     spec = JobSpec.model_validate(job.spec)
-    ids = [ref.model_id for ref in spec.teacher_refs() if ref.model_id]
-    ids += [s.student.model_id for s in spec.chain() if s.student.model_id]
+    ids = [r.ref.model_id for r in spec.model_refs() if r.ref.model_id]
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
     models: dict[str, ModelInput] = {}

@@ -373,11 +373,9 @@ def _load_teachers(
     spec: JobSpec, models: dict[str, ModelFile], data: TransferSet, device: torch.device
 ) -> tuple[list[Teacher], list[ModelInfo]]:
     """Each teacher of the spec and its signature, probed on real inputs."""
-    field = "teachers" if spec.teachers is not None else "teacher"
     loaded: list[Teacher] = []
     infos: list[ModelInfo] = []
-    for i, ref in enumerate(spec.teacher_refs()):
-        where = f"{field}.{i}" if spec.teachers is not None else field
+    for where, ref in spec.teacher_fields():
         key = model_key(ref)
         if key not in models:
             raise InvalidSpec(f"no model file was given for '{key}'", field=where)

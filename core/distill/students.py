@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.distill.arch_registry import build_architecture, register_architecture
 from core.distill.arch_weights import load_arch_weights
-from core.distill.architectures import build_architecture, register_architecture
 from core.distill.formats import check_exported_program_archive, check_torchscript_archive
 from core.distill.operators import check_exported_program, check_torchscript
 from core.distill.types import ModelFile, Teacher

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.distill.methods.base import DistillMethod
+from core.distill.methods.base import Batch, DistillMethod
 from core.distill.types import Event, ProgressFn, StopFn, Teacher, TransferSet
 from core.errors import (
     Cancelled,
@@ -245,7 +245,7 @@ def train(
     training = concrete_training(training, len(data.x_train))
     try:
         with _checkpointing(student, training.gradient_checkpointing):
-            return _Run(
+            return TrainingRun(
                 student, method, data, teacher, training, task, stage, stages, device,
                 progress, should_stop, checkpoint_dir, label,
             ).run()  # fmt: skip
@@ -265,8 +265,10 @@ def _checkpointing(student: nn.Module, enabled: bool) -> contextlib.AbstractCont
     return checkpointing(student, True)  # type: ignore[arg-type]
 
 
-class _Run:
-    """One call of :func:`train`: its state lives here so the loop reads top to bottom."""
+class TrainingRun:
+    """One call of :func:`train`: the data, the optimizer and the loop's state (the best epoch
+    so far, early stopping, progress timing), so that the loop reads top to bottom. Built
+    right before :meth:`run`; ``max_minutes`` counts from then (the teacher cache included)."""
 
     def __init__(
         self,
@@ -286,64 +288,96 @@ class _Run:
     ) -> None:
         if method.student is not student:
             raise ValueError("train() needs the student that the method was built with")
-        self.student, self.method, self.teacher, self.spec = student, method, teacher, training
+        if method.needs_teacher and teacher is None:
+            raise InvalidSpec("this distillation method needs a teacher", field="teacher")
+        self.started = time.monotonic()
+        self.student, self.method, self.spec = student, method, training
+        self.teacher = teacher.to(device) if teacher is not None else None
         self.task, self.stage, self.stages, self.device = task, stage, stages, device
         self.progress, self.should_stop = progress, should_stop
         self.autocast_dtype = resolve_precision(training.precision, device)
-        self.x, self.y = _training_rows(data, method, task)
-        self.x_val, self.y_val = data.x_val, data.y_val
-        if method.needs_teacher and teacher is None:
-            raise InvalidSpec("this distillation method needs a teacher", field="teacher")
+        x, y = _training_rows(data, method, task)
+        self.metric, self.maximize = monitored_metric(
+            task, data.x_val, data.y_val, teacher is not None
+        )
+        # On a GPU the data stays there for the whole run when it fits: no copy per step.
+        self.x, self.y = _resident(x, device), _resident(y, device)
+        self.x_val, self.y_val = _resident(data.x_val, device), _resident(data.y_val, device)
+        assert self.x is not None and self.x_val is not None
         self.checkpoint = (
             checkpoint_dir / f"{_safe_name(label)}-stage{stage}.pt" if checkpoint_dir else None
         )
         self.spill_dir = checkpoint_dir
-        self.metric, self.maximize = self._monitored_metric()
         bs = training.batch_size
         n = len(self.x)
         # A trailing batch of one sample is dropped: batch norm can't train on it.
         self.steps_per_epoch = max(1, n // bs + (1 if n % bs > 1 else 0))
         self.total_steps = self.steps_per_epoch * training.epochs
+        torch.manual_seed(training.seed)
+        self.shuffle = torch.Generator().manual_seed(training.seed)
+        method.to(device)
+        # The teacher's outputs for the training and validation rows (cached: computed here).
+        self.train_teacher: TeacherOutputs | None = None
+        self.val_teacher: TeacherOutputs | None = None
+        try:
+            self._teacher_outputs()
+            first = torch.arange(min(2, len(self.x)))
+            t_out, t_feats = self._teacher_batch(self.train_teacher, first)
+            xb, yb = self._batch(first)
+            method.prepare(Batch(xb, yb, t_out, t_feats))  # sizes projectors
+            method.to(device)
+            self.optimizer = self._optimizer()
+        except BaseException:
+            self.close()
+            raise
+        self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scheduler = self._scheduler(self.optimizer)
+        # Scales the loss for fp16 only (a no-op otherwise), so the step never branches on it.
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.autocast_dtype == torch.float16
+        )
 
-    def _monitored_metric(self) -> tuple[str, bool]:
-        return monitored_metric(self.task, self.x_val, self.y_val, self.teacher is not None)
+        self.history: list[dict[str, Any]] = []
+        self.best_metric: float | None = None
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_epochs = 0
+        self.finished = False
+        self.stopped_early = False
+        self.loop_started = 0.0
+        self.steps_done = 0  # in this call (a resumed run counts from its checkpoint)
+        self.steps_left = 0
+        self.last_event = 0.0
 
-    # --- setup -----------------------------------------------------------------------------
+    def _teacher_outputs(self) -> None:
+        if self.teacher is None:
+            return
+        names = self.method.teacher_layers()
+        if self.method.needs_teacher:
+            self.train_teacher = TeacherOutputs(
+                self.teacher, self.x, names, self.device,
+                cache=self.spec.cache_teacher_outputs, spill_dir=self.spill_dir,
+                should_stop=self.should_stop,
+            )  # fmt: skip
+        if len(self.x_val):
+            # Validation inputs are few and seen every epoch: always cached.
+            self.val_teacher = TeacherOutputs(
+                self.teacher, self.x_val, names if self.method.needs_teacher else [],
+                self.device, cache=True, spill_dir=self.spill_dir, should_stop=self.should_stop,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        """Free the teacher's cached outputs (memory-mapped files included)."""
+        for outputs in (self.train_teacher, self.val_teacher):
+            if outputs is not None:
+                outputs.close()
 
     def run(self) -> TrainResult:
-        self.started = time.monotonic()  # max_minutes counts the teacher cache too
-        torch.manual_seed(self.spec.seed)
-        self.shuffle = torch.Generator().manual_seed(self.spec.seed)
-        self.method.to(self.device)
-        names = self.method.teacher_layers()
-        self.train_teacher = self.val_teacher = None
-        if self.teacher is not None:
-            self.teacher = self.teacher.to(self.device)
-        # On a GPU the data stays there for the whole run when it fits: no copy per step.
-        self.x, self.y = _resident(self.x, self.device), _resident(self.y, self.device)
-        self.x_val, self.y_val = (
-            _resident(self.x_val, self.device),
-            _resident(self.y_val, self.device),
-        )
         try:
-            if self.teacher is not None and self.method.needs_teacher:
-                self.train_teacher = TeacherOutputs(
-                    self.teacher, self.x, names, self.device,
-                    cache=self.spec.cache_teacher_outputs, spill_dir=self.spill_dir,
-                    should_stop=self.should_stop,
-                )  # fmt: skip
-            if self.teacher is not None and len(self.x_val):
-                # Validation inputs are few and seen every epoch: always cached.
-                self.val_teacher = TeacherOutputs(
-                    self.teacher, self.x_val, names if self.method.needs_teacher else [],
-                    self.device, cache=True, spill_dir=self.spill_dir,
-                    should_stop=self.should_stop,
-                )  # fmt: skip
             return self._train()
         finally:
-            for outputs in (self.train_teacher, self.val_teacher):
-                if outputs is not None:
-                    outputs.close()
+            self.close()
 
     def _teacher_batch(
         self, source: TeacherOutputs | None, idx: Tensor
@@ -392,29 +426,9 @@ class _Run:
     # --- training --------------------------------------------------------------------------
 
     def _train(self) -> TrainResult:
-        first = torch.arange(min(2, len(self.x)))
-        t_out, t_feats = self._teacher_batch(self.train_teacher, first)
-        self.method.prepare(*self._batch(first), t_out, t_feats)  # sizes projectors
-        self.method.to(self.device)
-        self.optimizer = self._optimizer()
-        self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.scheduler = self._scheduler(self.optimizer)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.autocast_dtype == torch.float16
-        )
-        self.history: list[dict[str, Any]] = []
-        self.best_metric: float | None = None
-        self.best_loss = math.inf
-        self.best_epoch = 0
-        self.best_state: dict[str, Tensor] | None = None
-        self.bad_epochs = 0
-        self.finished = False
-        self.stopped_early = False
         start = self._resume()
         self.loop_started = time.monotonic()
-        self.steps_done = 0
         self.steps_left = (self.spec.epochs - start) * self.steps_per_epoch
-        self.last_event = 0.0
         with _cpu_threads(self._step_threads()):
             for epoch in range(start, self.spec.epochs):
                 if self.finished:
@@ -446,8 +460,10 @@ class _Run:
         if perm.device.type != self.x.device.type:
             perm = perm.to(self.x.device)
         bs = self.spec.batch_size
-        teacher, method, optimizer = self.train_teacher, self.method, self.optimizer
-        clip, scaling = self.spec.grad_clip, self.scaler.is_enabled()
+        teacher, method, optimizer, scaler = (
+            self.train_teacher, self.method, self.optimizer, self.scaler,
+        )  # fmt: skip
+        clip = self.spec.grad_clip
         # Losses stay on the device (no host sync per step); they are checked for being finite
         # every DIVERGENCE_CHECK_STEPS steps and summed once at the end of the epoch.
         records: list[dict[str, Tensor]] = []
@@ -459,20 +475,13 @@ class _Run:
             xb, yb = self._batch(idx)
             t_out, t_feats = teacher.get(idx) if teacher is not None else (None, {})
             with self._autocast():
-                losses = method(xb, yb, t_out, t_feats, epoch)
-            if scaling:
-                self.scaler.scale(losses["loss"]).backward()
-            else:
-                losses["loss"].backward()
+                losses = method(Batch(xb, yb, t_out, t_feats, epoch))
+            scaler.scale(losses["loss"]).backward()
             if clip is not None:
-                if scaling:
-                    self.scaler.unscale_(optimizer)
+                scaler.unscale_(optimizer)  # clip the true gradients
                 nn.utils.clip_grad_norm_(self.clip_params, clip)
-            if scaling:
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            else:
-                optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             self.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             records.append({k: v.detach() for k, v in losses.items()})
@@ -574,7 +583,7 @@ class _Run:
             t_out, t_feats = self._teacher_batch(self.val_teacher, idx)
             with self._autocast():
                 out, feats = self.method.run_student(xb)
-                losses = self.method.compute(out, feats, yb, t_out, t_feats, epoch)
+                losses = self.method.compute(out, feats, Batch(xb, yb, t_out, t_feats, epoch))
             losses_.append(losses["loss"].float())
             sizes.append(len(idx))
             outs.append(out.float())

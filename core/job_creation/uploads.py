@@ -19,7 +19,7 @@ class Uploads:
     elsewhere."""
 
     def __init__(self, conn: Connection, statements: JobStatements, specs: list[JobSpec]) -> None:
-        model_ids = {ref.model_id for spec in specs for ref in _model_refs(spec) if ref.model_id}
+        model_ids = {r.ref.model_id for spec in specs for r in spec.model_refs() if r.ref.model_id}
         dataset_ids = {spec.dataset_id for spec in specs if spec.dataset_id}
         self._models: dict[str, Any] = {}
         self._datasets: dict[str, Any] = {}
@@ -35,13 +35,6 @@ class Uploads:
         return row.info if row is not None and row.tenant_id == tenant.id else None
 
 
-def _model_refs(spec: JobSpec) -> list[Any]:
-    """Every model reference of a spec: teachers, and students that name an upload."""
-    refs: list[Any] = [spec.teacher, *(spec.teachers or []), spec.student]
-    refs += [stage.student for stage in spec.stages or []]
-    return [ref for ref in refs if ref is not None]
-
-
 def resolve_spec(
     uploads: Uploads, tenant: Tenant, spec: JobSpec, settings: Settings
 ) -> tuple[JobSpec, list[str]]:
@@ -49,19 +42,9 @@ def resolve_spec(
 
     Returns the completed spec and the ids of the models the job uses.
     """
-    teachers: list[Row[Any]] = []
-    if spec.teacher is not None:
-        teachers.append(_model_for(uploads, tenant, spec.teacher, "teacher"))
-    for i, ref in enumerate(spec.teachers or []):
-        teachers.append(_model_for(uploads, tenant, ref, f"teachers.{i}"))
-
-    students: list[tuple[str, Any]] = []
-    if spec.student is not None:
-        students.append(("student", spec.student))
-    for i, stage in enumerate(spec.stages or []):
-        students.append((f"stages.{i}.student", stage.student))
+    teachers = [_model_for(uploads, tenant, ref, name) for name, ref in spec.teacher_fields()]
     used = [m.id for m in teachers]
-    for field_name, student in students:
+    for field_name, student in spec.student_fields():
         if student.path is not None:
             raise InvalidSpec(
                 f"'{field_name}.path' is for `distill run`; upload the student with POST "

@@ -21,7 +21,8 @@ from core.distill.hf.models import HFModel, encode
 from core.distill.hf.students import build_hf_student, layer_choice
 from core.distill.hf.text import load_text_transfer_set
 from core.distill.methods.attention_kl import attention_kl
-from core.distill.methods.hidden import hidden_loss, layer_map
+from core.distill.methods.hf_layers import layer_map
+from core.distill.methods.hidden import hidden_loss
 from core.distill.pipeline import run_job
 from core.distill.teachers import load_teacher
 from core.distill.types import ModelFile
@@ -485,7 +486,7 @@ def test_uploaded_hf_student_with_the_teachers_vocabulary(
 def test_mse_cosine_term_by_hand() -> None:
     from torch import nn
 
-    from core.distill.methods import build_method
+    from core.distill.methods import Batch, build_method
 
     method = build_method(
         {"method": "mse", "cosine_weight": 2.0},
@@ -497,7 +498,7 @@ def test_mse_cosine_term_by_hand() -> None:
     )
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     t = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    losses = method.compute(s, {}, None, t, {}, 0)
+    losses = method.compute(s, {}, Batch(s, None, t))
     # MSE (1 + 1 + 0 + 1) / 4; cosine distances 1 (orthogonal) and 0 (same direction)
     assert losses["mse"].item() == pytest.approx(0.75)
     assert losses["cosine"].item() == pytest.approx(0.5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.distill.methods import build_method, register_method
+from core.distill.methods import Batch, build_method, register_method
 from core.distill.methods.kd import KD
 from core.distill.students import build_student
 from core.distill.teachers import ModuleTeacher
@@ -97,7 +97,8 @@ def smooth_l1(a: list[float], b: list[float]) -> float:
 def call(method, y=None, feats=None, teacher_feats=None, epoch=0, s=S, t=T):
     out = torch.tensor(s, requires_grad=True)
     y = torch.tensor(y) if y is not None else None
-    return method.compute(out, feats or {}, y, torch.tensor(t), teacher_feats or {}, epoch)
+    batch = Batch(out, y, torch.tensor(t), teacher_feats or {}, epoch)
+    return method.compute(out, feats or {}, batch)
 
 
 # --- hand-computed losses -----------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_mse_regression_uses_mse_to_targets(tiny_teacher):
     )  # fmt: skip
     targets = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     out = torch.tensor(S)
-    losses = method.compute(out, {}, torch.tensor(targets), torch.tensor(T), {}, 0)
+    losses = method.compute(out, {}, Batch(out, torch.tensor(targets), torch.tensor(T)))
     to_teacher = (
         sum((a - b) ** 2 for r, q in zip(S, T, strict=True) for a, b in zip(r, q, strict=True)) / 6
     )
@@ -240,7 +241,8 @@ def test_fitnet_uses_conv_projector_for_maps(tiny_teacher):
     method = build_method(
         spec, student=student, teacher=tiny_teacher, task="classification", n_classes=3, epochs=1
     )
-    losses = method(torch.rand(2, 1, 8, 8), None, torch.tensor(T), {"t": torch.rand(2, 5, 2, 2)}, 0)
+    x = torch.rand(2, 1, 8, 8)
+    losses = method(Batch(x, None, torch.tensor(T), {"t": torch.rand(2, 5, 2, 2)}))
     assert isinstance(method.projectors["0"], nn.Conv2d)
     assert method.projectors["0"].out_channels == 5
     losses["loss"].backward()
@@ -340,7 +342,7 @@ def test_baseline_is_ce_on_labels_without_teacher():
     )
     assert not method.needs_teacher
     out = torch.tensor(S)
-    losses = method.compute(out, {}, torch.tensor([-1, 2]), None, {}, 0)
+    losses = method.compute(out, {}, Batch(out, torch.tensor([-1, 2])))
     assert losses["loss"].item() == pytest.approx(ce_by_hand(S[1:], [2]))
 
 
@@ -415,3 +417,12 @@ def test_each_method_trains_far_above_chance(name, digits, digits_teacher):
     acc = accuracy(result.student, digits["x_test"], digits["y_test"])
     assert acc > 0.7, f"{name}: test accuracy {acc:.3f}"
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_causal_lm_methods_have_their_own_registry_entries():
+    from core.distill.methods import build_token_method, method_names
+
+    assert {"kd", "reverse_kl", "jsd", "gkd"} <= set(method_names(tokens=True))
+    with pytest.raises(InvalidSpec, match="no per-token form") as err:
+        build_token_method("dkd", student=mlp(), teacher=None)
+    assert err.value.field == "distillation.method"

@@ -296,3 +296,47 @@ def test_a_feature_method_with_an_onnx_teacher_without_features_is_refused(metho
     if method != "rkd":
         hinted = {"method": method, "hints": [{"teacher": "t", "student": "body.0"}]}
         complete_spec(parse_spec({**MINIMAL, "distillation": hinted}), [FOREST], TABULAR)
+
+
+def test_model_refs_name_every_teacher_and_uploaded_student_with_its_field() -> None:
+    spec = parse_spec(
+        {
+            "teachers": [{"model_id": "t1"}, {"path": "t2.pt2", "weight": 2}],
+            "dataset_id": "d",
+            "stages": [
+                {"student": {"model_id": "assistant"}},
+                {"student": {"preset": "mlp"}},
+                {"student": {"path": "student.pt2"}},
+            ],
+        }
+    )
+    assert [(r.field, r.key) for r in spec.model_refs()] == [
+        ("teachers.0", "t1"),
+        ("teachers.1", "t2.pt2"),
+        ("stages.0.student", "assistant"),
+        ("stages.2.student", "student.pt2"),
+    ]
+    plain = parse_spec(MINIMAL)
+    assert [(r.field, r.key) for r in plain.model_refs()] == [("teacher", "mdl_1")]
+    assert plain.student_fields() == [] and plain.student_field() == "student"
+    assert spec.student_field(1) == "stages.1.student"
+
+
+def test_an_unknown_method_or_the_baseline_is_refused_naming_the_method_field() -> None:
+    assert field_of({**MINIMAL, "distillation": {"method": "magic"}}) == "distillation.method"
+    with pytest.raises(InvalidSpec, match="use one of: kd, mse"):
+        parse_spec({**MINIMAL, "distillation": {"method": "magic"}})
+    stages = {"stages": [{"student": {"preset": "mlp"}, "distillation": {"method": "baseline"}}]}
+    assert field_of({**MINIMAL, **stages}) == "stages.0.distillation.method"
+    with pytest.raises(InvalidSpec, match="training.baseline"):
+        parse_spec({**MINIMAL, "distillation": {"method": "baseline"}})
+
+
+def test_method_flags_say_what_each_method_needs() -> None:
+    from core.spec import METHOD_SPECS, method_names
+
+    assert method_names(reads_features=True) == ["fitnet", "attention", "rkd", "hidden"]
+    assert method_names(needs_prompts=True) == ["seqkd", "gkd"]
+    assert set(method_names(causal_only=True)) <= set(method_names(causal_lm=True))
+    assert method_names(needs_teacher=False) == ["baseline"]
+    assert all(cls.model_fields["method"].default == n for n, cls in METHOD_SPECS.items())

@@ -1,6 +1,7 @@
 """A causal-LM job: from the loaded ``hf`` teacher to the measured student and its exports.
 
-The student learns with a per-token loss (``kd``, ``reverse_kl``, ``jsd``) from the teacher's
+The student learns with a method of :mod:`core.distill.methods` (a per-token loss such as
+``kd``, ``reverse_kl``, ``jsd``, or one that also maps hidden states) from the teacher's
 top-k cache (built once per teacher, dataset, max_length and k; read by later jobs); the
 baseline, the same student from the same initial weights, learns the next token alone for the
 same steps. Both are measured beside the teacher on the validation text.
@@ -48,6 +49,7 @@ def run_causal(
     device: torch.device,
 ) -> JobOutcome:
     from core.distill import export
+    from core.distill.methods import build_token_method
     from core.distill.pipeline import model_key
 
     started = time.monotonic()
@@ -92,8 +94,12 @@ def run_causal(
         )
     if method.method == "gkd":
         on_policy = _on_policy(method, student, data, device, spec.training.seed)
-    cache, cache_info = None, None
+    # seqkd's student learns the teacher's completions by their next tokens alone.
+    learner = None
     if method.method != "seqkd":
+        learner = build_token_method(method, student=student, teacher=tmodel)
+    cache, cache_info = None, None
+    if learner is not None and not learner.reads_hidden:
         cache, cache_info = _cache(spec, teacher_sha, tmodel, data, work_dir, t_device, report)
 
     with_baseline = baseline is not None
@@ -104,7 +110,7 @@ def run_causal(
         train_rows,
         data.val,
         training=training,
-        method=None if method.method == "seqkd" else method,
+        method=learner,
         teacher=tmodel,
         cache=cache,
         device=device,

@@ -46,11 +46,19 @@ def device_of(model: torch.nn.Module) -> torch.device:
 def teacher_logits(teacher: HFModel, x: Tensor, out: torch.device) -> Tensor:
     """The teacher's logits for the packed ``x``, computed on the teacher's device, as float32
     on ``out``. A teacher held in half precision runs outside the student's autocast."""
+    return teacher_outputs(teacher, x, out)[0]
+
+
+def teacher_outputs(
+    teacher: HFModel, x: Tensor, out: torch.device, *, hidden: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`teacher_logits` and, with ``hidden``, the hidden states (float32, on ``out``)."""
     where = device_of(teacher)
     half = next(teacher.parameters()).dtype != torch.float32
     context = torch.autocast(where.type, enabled=False) if half else contextlib.nullcontext()
     with torch.no_grad(), context:
-        return teacher(x.to(where)).float().to(out)
+        logits, feats = teacher.run(x.to(where), hidden=hidden)
+    return logits.float().to(out), {k: v.float().to(out) for k, v in feats.items()}
 
 
 def teacher_identity(teacher_sha256: str, training: TrainingSpec) -> str:

@@ -1,7 +1,9 @@
-"""Training a causal-LM student: a per-token loss over the tokens the data marks as targets.
+"""Training a causal-LM student with a method of :mod:`core.distill.methods` (a
+:class:`TokenMethod`) over the tokens the data marks as targets.
 
 The teacher's distribution comes from the top-k cache (:mod:`.cache`) or from its forward on
-the batch; the baseline learns the next token alone (cross-entropy), for the same steps.
+the batch (always, for a method that reads hidden states); the baseline learns the next token
+alone (cross-entropy), for the same steps.
 """
 
 from __future__ import annotations
@@ -16,20 +18,17 @@ from torch import Tensor
 
 from core.distill.causal.cache import TopKCache
 from core.distill.causal.data import TokenRows
-from core.distill.causal.placement import teacher_logits
+from core.distill.causal.placement import teacher_outputs
 from core.distill.hf.models import HFModel
-from core.distill.methods import jsd, reverse_kl, token_kd
-from core.distill.methods.token_losses import TeacherTokens, next_token_ce
+from core.distill.methods.token_losses import (
+    TeacherTokens,
+    TokenBatch,
+    TokenMethod,
+    next_token_ce,
+)
 from core.distill.types import Event, ProgressFn, StopFn
 from core.errors import Cancelled
 from core.spec import TrainingSpec
-
-LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
-    "kd": token_kd.loss,
-    "reverse_kl": reverse_kl.loss,
-    "jsd": jsd.loss,
-    "gkd": jsd.loss,  # on the student's own samples a fraction λ of the time
-}
 
 
 def train_student(
@@ -38,7 +37,7 @@ def train_student(
     val: TokenRows,
     *,
     training: TrainingSpec,
-    method: Any | None,
+    method: TokenMethod | None,
     teacher: HFModel | None,
     cache: TopKCache | None,
     device: torch.device,
@@ -48,7 +47,8 @@ def train_student(
     should_stop: StopFn,
     on_policy: Callable[[int], TokenRows] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``student`` in place; the history of its epochs (loss, validation perplexity).
+    """Train ``student`` (and ``method``'s own parameters) in place; the history of its epochs
+    (loss, validation perplexity).
 
     ``method`` None trains on the next token alone (the baseline). ``on_policy(n)`` gives ``n``
     rows of the student's own completions (``gkd``: a batch is one with probability λ).
@@ -82,15 +82,17 @@ def _train(
     from core.distill.causal.evaluate import perplexity
 
     student.to(device).train()
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=training.lr, weight_decay=training.weight_decay
-    )
+    params = list(student.parameters())
+    if method is not None:
+        params += list(method.to(device).train().parameters())
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     batch = min(training.batch_size, len(data))
     steps_per_epoch = math.ceil(len(data) / batch)
     total = steps_per_epoch * training.epochs
     generator = torch.Generator().manual_seed(training.seed)
     history: list[dict[str, Any]] = []
-    lmbda = float(getattr(method, "lmbda", 0.0))
+    lmbda = float(getattr(method.spec, "lmbda", 0.0)) if method is not None else 0.0
+    hidden = method is not None and method.reads_hidden
     teacher_seconds = 0.0
     started = time.monotonic()
     step = 0
@@ -111,19 +113,20 @@ def _train(
             mask = target[:, 1:].to(device) & xb[:, 1, 1:].bool()
             targets = xb[:, 0, 1:]
             with _autocast(device):
-                logits = student(xb)[:, :-1]
-                tokens = None
+                logits, feats = student.run(xb, hidden=hidden)
+                logits = logits[:, :-1]
                 if method is not None:
                     t0 = time.monotonic()
-                    tokens = _teacher_tokens(teacher, use_cache, rows, xb, device)
+                    tokens, t_feats = _teacher_tokens(
+                        teacher, None if hidden else use_cache, rows, xb, device, hidden=hidden
+                    )
                     teacher_seconds += time.monotonic() - t0
-            if method is None or tokens is None:
+            if method is None:
                 loss = next_token_ce(logits, targets, mask)
                 parts = {"ce": loss.detach()}
             else:  # the losses run in float32 (they upcast the logits)
-                loss, parts = LOSSES[method.method](
-                    logits, tokens.shifted(), targets, mask, **_knobs(method)
-                )
+                batch_in = TokenBatch(xb, logits, targets, mask, tokens.shifted(), feats, t_feats)
+                loss, parts = method(batch_in)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,21 +166,18 @@ def _teacher_tokens(
     rows: Tensor,
     xb: Tensor,
     device: torch.device,
-) -> TeacherTokens:
+    *,
+    hidden: bool,
+) -> tuple[TeacherTokens, dict[str, Tensor]]:
+    """The teacher's next-token distribution (and hidden states) for the batch."""
     if cache is not None:
-        return cache.batch(rows, device)
+        return cache.batch(rows, device), {}
     assert teacher is not None
-    return TeacherTokens(logits=teacher_logits(teacher, xb, device))
+    logits, feats = teacher_outputs(teacher, xb, device, hidden=hidden)
+    return TeacherTokens(logits=logits), feats
 
 
 def _autocast(device: torch.device) -> Any:
     """bf16 autocast on GPUs that support it (the forward passes; the losses stay float32)."""
     enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _knobs(method: Any) -> dict[str, float]:
-    knobs = {"temperature": method.temperature, "alpha": method.alpha}
-    if hasattr(method, "beta"):
-        knobs["beta"] = method.beta
-    return knobs

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, output_kd, resolve_hints
+from core.distill.methods.base import Batch, DistillMethod, Losses, resolve_hints
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.errors import InvalidSpec
 from core.spec import AttentionMethod, HintPair
@@ -37,7 +37,7 @@ def attention_method(
     epochs: int,
 ) -> DistillMethod:
     """Attention transfer; for a Hugging Face student, TinyBERT's attention-distribution KL."""
-    from core.distill.methods.hidden import is_hf_student
+    from core.distill.methods.hf_layers import is_hf_student
 
     kind: type[DistillMethod] = Attention
     if is_hf_student(student):
@@ -81,23 +81,12 @@ class Attention(DistillMethod):
             spec.hints, student, teacher, "attention", student_default=default
         )
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
         spec = self.spec
-        losses = output_kd(
-            out, y, teacher_out, task=self.task, temperature=spec.temperature, alpha=spec.alpha
-        )
+        losses = self.output_losses(out, batch)
         at = out.new_zeros((), dtype=out.float().dtype)
         for pair in self.needs_features:
-            f_s, f_t = feats[pair.student], teacher_feats[pair.teacher]
+            f_s, f_t = feats[pair.student], batch.teacher_feats[pair.teacher]
             for name, f in ((pair.student, f_s), (pair.teacher, f_t)):
                 if f.dim() != 4:
                     raise InvalidSpec(

@@ -17,12 +17,12 @@ maps need eager attention (``output_attentions``), which hf models here always u
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from typing import Any
 
-from core.distill.methods.base import DistillMethod, Losses, output_kd, require_teacher
-from core.distill.methods.hidden import hf_sizes, layer_map
-from core.distill.types import Teacher
+import torch
+from torch import Tensor
+
+from core.distill.methods.hf_layers import MappedLayers
 from core.spec import AttentionMethod, HintPair
 
 EPS = 1e-12
@@ -38,51 +38,22 @@ def attention_kl(a_s: Tensor, a_t: Tensor, mask: Tensor) -> Tensor:
     return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)
 
 
-class AttentionKL(DistillMethod):
-    def __init__(
-        self,
-        spec: AttentionMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
-    ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        require_teacher(teacher, "attention")
-        mine, theirs = hf_sizes(student, teacher, "attention")
-        self.spec = spec
-        self.map = layer_map(spec.layer_map, mine["num_layers"], theirs["num_layers"], first=1)
+class AttentionKL(MappedLayers):
+    part = "attention"
+    first = 1
+    run_options = {"attentions": True}  # noqa: RUF012 - read only
+
+    def __init__(self, spec: AttentionMethod, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
         self.needs_features = [
             HintPair(teacher=f"attentions.{t - 1}", student=f"attentions.{s}")
             for s, t in enumerate(self.map)
         ]
-        self._mask: Tensor | None = None
 
-    def run_student(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        self._mask = x[:, 1]
-        return self.student.run(x, attentions=True)  # type: ignore[operator]
-
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None and self._mask is not None
-        spec = self.spec
-        losses = output_kd(
-            out, y, teacher_out, task=self.task, temperature=spec.temperature, alpha=spec.alpha
-        )
-        total = out.new_zeros((), dtype=torch.float32)
+    def layer_term(
+        self, feats: dict[str, Tensor], teacher_feats: dict[str, Tensor], mask: Tensor
+    ) -> Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=mask.device)
         for pair in self.needs_features:
-            total = total + attention_kl(
-                feats[pair.student], teacher_feats[pair.teacher], self._mask
-            )
-        losses["attention"] = total
-        losses["loss"] = losses["loss"] + spec.attention_weight * total
-        return losses
+            total = total + attention_kl(feats[pair.student], teacher_feats[pair.teacher], mask)
+        return total

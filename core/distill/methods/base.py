@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +17,24 @@ from core.spec import HintPair
 Losses = dict[str, Tensor]
 
 
+@dataclass
+class Batch:
+    """What a method is given of one batch besides the student: its inputs and labels (``-1``:
+    unlabeled; None: no labels), the teacher's outputs and the features of the teacher layers
+    the method names (``needs_features``), and the 0-based index of the running epoch."""
+
+    x: Tensor
+    y: Tensor | None = None
+    teacher_out: Tensor | None = None
+    teacher_feats: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+
+
 class DistillMethod(nn.Module):
     """A training objective: owns the student (and any trainable parts such as projectors).
 
-    ``forward(x, y, teacher_out, teacher_feats, epoch)`` runs the student and returns
-    ``{"loss": total, <part>: value, …}``. ``y`` uses ``-1`` for unlabeled samples (class
-    labels) and may be ``None``; ``teacher_feats`` maps the teacher layers named in
-    ``needs_features`` to their outputs for the batch; ``epoch`` is the 0-based index of the
-    running epoch. Parts are for reporting only; only ``loss`` is optimised.
+    ``forward(batch)`` runs the student on ``batch.x`` and returns ``{"loss": total, <part>:
+    value, …}``. Parts are for reporting only; only ``loss`` is optimised.
     """
 
     needs_teacher: bool = True
@@ -36,16 +47,9 @@ class DistillMethod(nn.Module):
         self.epochs = epochs
         self.needs_features: list[HintPair] = []
 
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        out, feats = self.run_student(x)
-        return self.compute(out, feats, y, teacher_out, teacher_feats, epoch)
+    def forward(self, batch: Batch) -> Losses:
+        out, feats = self.run_student(batch.x)
+        return self.compute(out, feats, batch)
 
     def run_student(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's outputs and the features this method reads (by student layer)."""
@@ -56,17 +60,19 @@ class DistillMethod(nn.Module):
             out = self.student(x)
         return out, feats
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        """The losses from the student's outputs and features."""
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
+        """The losses from the student's outputs and features on ``batch``."""
         raise NotImplementedError
+
+    def output_losses(self, out: Tensor, batch: Batch) -> Losses:
+        """Output KD at the spec's ``temperature`` and ``alpha``: what every method "plus
+        output KD" starts from."""
+        assert batch.teacher_out is not None
+        spec = self.spec  # type: ignore[attr-defined]
+        return output_kd(
+            out, batch.y, batch.teacher_out, task=self.task,
+            temperature=spec.temperature, alpha=spec.alpha,
+        )  # fmt: skip
 
     def teacher_layers(self) -> list[str]:
         """Teacher layers whose outputs the trainer must supply."""
@@ -94,14 +100,12 @@ class DistillMethod(nn.Module):
         return {f"student.{k}": v for k, v in self.student.state_dict().items()}
 
     @torch.no_grad()
-    def prepare(
-        self, x: Tensor, y: Tensor | None, teacher_out: Tensor | None, teacher_feats: dict
-    ) -> None:
+    def prepare(self, batch: Batch) -> None:
         """One forward in eval mode so that parts sized from the data (projectors) exist."""
         was_training = self.training
         self.eval()
         try:
-            self(x, y, teacher_out, teacher_feats, 0)
+            self(batch)
         finally:
             self.train(was_training)
 

@@ -7,43 +7,12 @@ It tells what distillation added: a job reports the distilled student next to th
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import Field
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, hard_loss
+from core.distill.methods.base import Batch, DistillMethod, Losses, hard_loss
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
-from core.spec import (
-    AttentionMethod,
-    DKDMethod,
-    FitNetMethod,
-    HiddenMethod,
-    KDMethod,
-    MSEMethod,
-    RKDMethod,
-    StrictModel,
-)
-
-
-class BaselineSpec(StrictModel):
-    """Labels only, no teacher."""
-
-    method: Literal["baseline"] = "baseline"
-
-
-AnyMethodSpec = Annotated[
-    KDMethod
-    | MSEMethod
-    | DKDMethod
-    | FitNetMethod
-    | AttentionMethod
-    | RKDMethod
-    | HiddenMethod
-    | BaselineSpec,
-    Field(discriminator="method"),
-]
+from core.spec import BaselineSpec
 
 
 @register_method("baseline")
@@ -62,16 +31,8 @@ class Baseline(DistillMethod):
     ) -> None:
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        hard = hard_loss(out, y, self.task)
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
+        hard = hard_loss(out, batch.y, self.task)
         if hard is None:
             # No label in this batch (the trainer keeps labeled rows only, so: validation).
             zero = out.float().sum() * 0.0

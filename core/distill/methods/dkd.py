@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
 from core.distill.methods.base import (
+    Batch,
     DistillMethod,
     Losses,
     hard_loss,
     labeled_mask,
     require_teacher,
 )
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.spec import DKDMethod
 
@@ -48,27 +49,19 @@ class DKD(DistillMethod):
         require_teacher(teacher, "dkd", task=task)
         self.spec = spec
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
+        assert batch.teacher_out is not None
         spec = self.spec
-        s, t = out.float(), teacher_out.float()
+        s, t = out.float(), batch.teacher_out.float()
         target = t.argmax(-1)
-        mask = labeled_mask(y)
-        if mask is not None and y is not None:
-            target = torch.where(mask, y, target)
+        mask = labeled_mask(batch.y)
+        if mask is not None and batch.y is not None:
+            target = torch.where(mask, batch.y, target)
         tckd, nckd = dkd_terms(s, t, target, spec.temperature)
-        warm = min((epoch + 1) / spec.warmup_epochs, 1.0) if spec.warmup_epochs else 1.0
+        warm = min((batch.epoch + 1) / spec.warmup_epochs, 1.0) if spec.warmup_epochs else 1.0
         distill = warm * (spec.tckd_weight * tckd + spec.nckd_weight * nckd)
         losses: Losses = {"tckd": tckd, "nckd": nckd}
-        ce = hard_loss(s, y, self.task)
+        ce = hard_loss(s, batch.y, self.task)
         if ce is None:
             losses["loss"] = distill
         else:

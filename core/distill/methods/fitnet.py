@@ -15,8 +15,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, as_vector, output_kd, resolve_hints
+from core.distill.methods.base import (
+    Batch,
+    DistillMethod,
+    Losses,
+    as_vector,
+    resolve_hints,
+)
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.spec import FitNetMethod
 
@@ -39,23 +45,12 @@ class FitNet(DistillMethod):
         # Sized from the first batch (see DistillMethod.prepare), when both shapes are known.
         self.projectors = nn.ModuleDict()
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
         spec = self.spec
-        losses = output_kd(
-            out, y, teacher_out, task=self.task, temperature=spec.temperature, alpha=spec.alpha
-        )
+        losses = self.output_losses(out, batch)
         hint = out.new_zeros((), dtype=out.float().dtype)
         for i, pair in enumerate(self.needs_features):
-            hint = hint + self._hint(str(i), feats[pair.student], teacher_feats[pair.teacher])
+            hint = hint + self._hint(str(i), feats[pair.student], batch.teacher_feats[pair.teacher])
         losses["hint"] = hint
         losses["loss"] = losses["loss"] + spec.hint_weight * hint
         return losses

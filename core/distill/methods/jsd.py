@@ -16,10 +16,12 @@ import math
 import torch
 from torch import Tensor
 
+from core.distill.methods.registry import register_method
 from core.distill.methods.token_losses import (
     TeacherTokens,
     divergence_and_ce,
     forward_kl,
+    per_token,
     reverse_kl,
 )
 
@@ -54,3 +56,8 @@ def loss(
         temperature=temperature,
         alpha=alpha,
     )
+
+
+register_method("jsd", tokens=True)(per_token(loss))
+# gkd: the same loss, on the student's own completions a fraction λ of the time
+register_method("gkd", tokens=True)(per_token(loss))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, output_kd, require_teacher
+from core.distill.methods.base import Batch, DistillMethod, Losses, require_teacher
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.spec import KDMethod
 
@@ -32,19 +32,7 @@ class KD(DistillMethod):
     ) -> None:
         super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
         require_teacher(teacher, "kd", task=task)
-        self.temperature = spec.temperature
-        self.alpha = spec.alpha
+        self.spec = spec
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
-        return output_kd(
-            out, y, teacher_out, task=self.task, temperature=self.temperature, alpha=self.alpha
-        )
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
+        return self.output_losses(out, batch)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, hard_loss, require_teacher
+from core.distill.methods.base import Batch, DistillMethod, Losses, hard_loss, require_teacher
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.spec import MSEMethod
 
@@ -39,17 +39,9 @@ class MSE(DistillMethod):
         self.alpha = spec.alpha
         self.cosine_weight = spec.cosine_weight
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
-        target = teacher_out.float().reshape(out.shape)
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
+        assert batch.teacher_out is not None
+        target = batch.teacher_out.float().reshape(out.shape)
         mse = F.mse_loss(out.float(), target)
         parts = {"mse": mse}
         distill = mse
@@ -57,7 +49,7 @@ class MSE(DistillMethod):
             cosine = (1 - F.cosine_similarity(out.float().flatten(1), target.flatten(1))).mean()
             parts["cosine"] = cosine
             distill = mse + self.cosine_weight * cosine
-        hard = hard_loss(out, y, self.task)
+        hard = hard_loss(out, batch.y, self.task)
         if hard is None:
             return {"loss": distill, **parts}
         return {"loss": self.alpha * distill + (1 - self.alpha) * hard, **parts, "hard": hard}

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.distill.methods.token_losses import TeacherTokens, divergence_and_ce, reverse_kl
+from core.distill.methods.registry import register_method
+from core.distill.methods.token_losses import (
+    TeacherTokens,
+    divergence_and_ce,
+    per_token,
+    reverse_kl,
+)
 
 
 def loss(
@@ -27,3 +33,6 @@ def loss(
     return divergence_and_ce(
         reverse_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
     )
+
+
+register_method("reverse_kl", tokens=True)(per_token(loss))

@@ -17,8 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distill.methods import register_method
-from core.distill.methods.base import DistillMethod, Losses, as_vector, output_kd, resolve_hints
+from core.distill.methods.base import (
+    Batch,
+    DistillMethod,
+    Losses,
+    as_vector,
+    resolve_hints,
+)
+from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.spec import RKDMethod
 
@@ -41,23 +47,12 @@ class RKD(DistillMethod):
         self.spec = spec
         self.needs_features = resolve_hints([], student, teacher, "rkd")
 
-    def compute(
-        self,
-        out: Tensor,
-        feats: dict[str, Tensor],
-        y: Tensor | None,
-        teacher_out: Tensor | None,
-        teacher_feats: dict[str, Tensor],
-        epoch: int,
-    ) -> Losses:
-        assert teacher_out is not None
+    def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
         spec = self.spec
         pair = self.needs_features[0]
         e_s = as_vector(feats[pair.student])
-        e_t = as_vector(teacher_feats[pair.teacher])
-        losses = output_kd(
-            out, y, teacher_out, task=self.task, temperature=spec.temperature, alpha=spec.alpha
-        )
+        e_t = as_vector(batch.teacher_feats[pair.teacher])
+        losses = self.output_losses(out, batch)
         if len(e_s) < 3:  # no pairs or angles to compare
             zero = e_s.sum() * 0.0
             distance, angle = zero, zero

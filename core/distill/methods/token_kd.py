@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.distill.methods.token_losses import TeacherTokens, divergence_and_ce, forward_kl
+from core.distill.methods.registry import register_method
+from core.distill.methods.token_losses import (
+    TeacherTokens,
+    divergence_and_ce,
+    forward_kl,
+    per_token,
+)
 
 
 def loss(
@@ -28,3 +34,6 @@ def loss(
     return divergence_and_ce(
         forward_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
     )
+
+
+register_method("kd", tokens=True)(per_token(loss))

@@ -1,6 +1,7 @@
-"""Shared pieces of the per-token losses of causal language models (``kd``, ``reverse_kl``,
-``jsd``): the teacher's next-token distribution, from full logits or from a top-k cache, and the
-student's on the same support.
+"""What the methods of causal language models share: the batch they are given
+(:class:`TokenBatch`), their base class (:class:`TokenMethod`), and the pieces of the per-token
+losses (``kd``, ``reverse_kl``, ``jsd``): the teacher's next-token distribution, from full
+logits or from a top-k cache, and the student's on the same support.
 
 From a top-``k`` cache the support is ``k + 1`` buckets: the teacher's ``k`` most likely tokens
 and one bucket for the rest of the vocabulary. The rest's mass is exact at temperature 1
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 TINY = 1e-10  # floor of a bucket's probability (a top-k covering the vocabulary leaves 0)
 
@@ -117,3 +119,62 @@ def divergence_and_ce(
     kl = masked_mean(divergence(s, t), mask)
     ce = next_token_ce(student_logits, targets, mask)
     return mixed(kl, ce, alpha, temperature), {"kl": kl.detach(), "ce": ce.detach()}
+
+
+@dataclass
+class TokenBatch:
+    """What a causal-LM method is given of one batch. ``x`` is the packed input (B, 2, L):
+    token ids and attention mask. The rest is aligned: position t of ``logits`` (the student's,
+    B, L-1, V) and of ``teacher`` predicts ``targets[:, t]``, and ``mask`` keeps the positions
+    the loss covers (no padding, no prompt). ``hidden`` and ``teacher_hidden`` hold the
+    models' hidden states by name (``hidden_states.<i>``, (B, L, d)) for a method that reads
+    them."""
+
+    x: Tensor
+    logits: Tensor
+    targets: Tensor
+    mask: Tensor
+    teacher: TeacherTokens
+    hidden: dict[str, Tensor] = field(default_factory=dict)
+    teacher_hidden: dict[str, Tensor] = field(default_factory=dict)
+
+
+TokenLoss = tuple[Tensor, dict[str, Tensor]]
+
+
+class TokenMethod(nn.Module):
+    """A causal-LM training objective: ``forward(batch)`` gives the loss and its parts (for
+    reporting). Its own parameters (projections) are trained with the student's."""
+
+    # Reads both models' hidden states: the teacher then runs on every batch (no logit cache).
+    reads_hidden: ClassVar[bool] = False
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, batch: TokenBatch) -> TokenLoss:
+        raise NotImplementedError
+
+
+class PerTokenLoss(TokenMethod):
+    """A method that is one per-token loss function of the logits (``kd``, ``jsd`` …)."""
+
+    def __init__(self, spec: Any, loss: Callable[..., TokenLoss]) -> None:
+        super().__init__(spec)
+        self.loss = loss
+
+    def forward(self, batch: TokenBatch) -> TokenLoss:
+        knobs = {"temperature": self.spec.temperature, "alpha": self.spec.alpha}
+        if hasattr(self.spec, "beta"):
+            knobs["beta"] = self.spec.beta
+        return self.loss(batch.logits, batch.teacher, batch.targets, batch.mask, **knobs)
+
+
+def per_token(loss: Callable[..., TokenLoss]) -> Callable[..., TokenMethod]:
+    """A registry factory for the method that is ``loss`` per token."""
+
+    def build(spec: Any, *, student: nn.Module, teacher: nn.Module | None) -> TokenMethod:
+        return PerTokenLoss(spec, loss)
+
+    return build
