@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from core.distill.architectures import architecture_names, build_architecture
+from core.distill.arch_registry import architecture_names, build_architecture
 from core.distill.formats import json_object, safetensors_metadata
 from core.distill.types import ModelFile
 from core.errors import ModelInvalid

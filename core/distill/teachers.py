@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import core.distill.architectures  # noqa: F401 - registers the presets a teacher's weights may name
 from core.distill.arch_weights import load_arch_weights
 from core.distill.formats import check_exported_program_archive, check_torchscript_archive
 from core.distill.operators import check_exported_program, check_torchscript
