@@ -17,9 +17,9 @@ student's last conv block.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, resolve_hints
+from core.distill.methods.base import Batch, DistillMethod, Losses, MethodSetup, resolve_hints
 from core.distill.methods.registry import register_method
 from core.distill.types import Teacher
 from core.errors import InvalidSpec
@@ -27,44 +27,29 @@ from core.spec import AttentionMethod, HintPair
 
 
 @register_method("attention")
-def attention_method(
-    spec: AttentionMethod,
-    *,
-    student: nn.Module,
-    teacher: Teacher | None,
-    task: str,
-    n_classes: int | None,
-    epochs: int,
-) -> DistillMethod:
+def attention_method(spec: AttentionMethod, setup: MethodSetup) -> DistillMethod:
     """Attention transfer; for a Hugging Face student, TinyBERT's attention-distribution KL."""
     from core.distill.methods.hf_layers import is_hf_student
 
     kind: type[DistillMethod] = Attention
-    if is_hf_student(student):
+    if is_hf_student(setup.student):
         from core.distill.methods.attention_kl import AttentionKL
 
         kind = AttentionKL
-    return kind(  # type: ignore[call-arg]
-        spec, student=student, teacher=teacher, task=task, n_classes=n_classes, epochs=epochs
-    )
+    return kind(spec, setup)  # type: ignore[call-arg]
 
 
 class Attention(DistillMethod):
     def __init__(
         self,
         spec: AttentionMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        super().__init__(setup)
         self.spec = spec
         default = None
         if not spec.hints:
-            layers = getattr(student, "attention_layers", None)
+            layers = getattr(setup.student, "attention_layers", None)
             if not layers:
                 raise InvalidSpec(
                     "attention transfer needs a student with convolutional feature maps; use "
@@ -73,12 +58,12 @@ class Attention(DistillMethod):
                     field="distillation.method",
                 )
             default = layers[-1]
-            teacher_map = _last_conv(teacher)
+            teacher_map = _last_conv(setup.teacher)
             if teacher_map is not None:
                 self.needs_features = [HintPair(teacher=teacher_map, student=default)]
                 return
         self.needs_features = resolve_hints(
-            spec.hints, student, teacher, "attention", student_default=default
+            spec.hints, setup.student, setup.teacher, "attention", student_default=default
         )
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:

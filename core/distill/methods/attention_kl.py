@@ -17,11 +17,10 @@ maps need eager attention (``output_attentions``), which hf models here always u
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from core.distill.methods.base import MethodSetup
 from core.distill.methods.hf_layers import MappedLayers
 from core.spec import AttentionMethod, HintPair
 
@@ -43,8 +42,8 @@ class AttentionKL(MappedLayers):
     first = 1
     run_options = {"attentions": True}  # noqa: RUF012 - read only
 
-    def __init__(self, spec: AttentionMethod, **kwargs: Any) -> None:
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: AttentionMethod, setup: MethodSetup) -> None:
+        super().__init__(spec, setup)
         self.needs_features = [
             HintPair(teacher=f"attentions.{t - 1}", student=f"attentions.{s}")
             for s, t in enumerate(self.map)

@@ -30,6 +30,18 @@ class Batch:
     epoch: int = 0
 
 
+@dataclass(frozen=True)
+class MethodSetup:
+    """What a method is built with besides its settings: the student it trains (and owns), the
+    frozen teacher (None for the labels-only baseline), the task, the classes and the epochs."""
+
+    student: nn.Module
+    teacher: Teacher | None
+    task: str
+    n_classes: int | None
+    epochs: int
+
+
 class DistillMethod(nn.Module):
     """A training objective: owns the student (and any trainable parts such as projectors).
 
@@ -39,12 +51,12 @@ class DistillMethod(nn.Module):
 
     needs_teacher: bool = True
 
-    def __init__(self, student: nn.Module, *, task: str, n_classes: int | None, epochs: int):
+    def __init__(self, setup: MethodSetup):
         super().__init__()
-        self.student = student
-        self.task = task
-        self.n_classes = n_classes
-        self.epochs = epochs
+        self.student = setup.student
+        self.task = setup.task
+        self.n_classes = setup.n_classes
+        self.epochs = setup.epochs
         self.needs_features: list[HintPair] = []
 
     def forward(self, batch: Batch) -> Losses:

@@ -7,11 +7,10 @@ It tells what distillation added: a job reports the distilled student next to th
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, hard_loss
+from core.distill.methods.base import Batch, DistillMethod, Losses, MethodSetup, hard_loss
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import BaselineSpec
 
 
@@ -22,14 +21,9 @@ class Baseline(DistillMethod):
     def __init__(
         self,
         spec: BaselineSpec,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        super().__init__(setup)
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
         hard = hard_loss(out, batch.y, self.task)

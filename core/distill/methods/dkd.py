@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from core.distill.methods.base import (
     Batch,
     DistillMethod,
     Losses,
+    MethodSetup,
     hard_loss,
     labeled_mask,
     require_teacher,
 )
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import DKDMethod
 
 _MASKED = 1000.0  # subtracted from the target logit to leave it out of the non-target softmax
@@ -38,15 +38,10 @@ class DKD(DistillMethod):
     def __init__(
         self,
         spec: DKDMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        require_teacher(teacher, "dkd", task=task)
+        super().__init__(setup)
+        require_teacher(setup.teacher, "dkd", task=setup.task)
         self.spec = spec
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:

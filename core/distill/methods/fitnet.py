@@ -19,11 +19,11 @@ from core.distill.methods.base import (
     Batch,
     DistillMethod,
     Losses,
+    MethodSetup,
     as_vector,
     resolve_hints,
 )
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import FitNetMethod
 
 
@@ -32,16 +32,11 @@ class FitNet(DistillMethod):
     def __init__(
         self,
         spec: FitNetMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        super().__init__(setup)
         self.spec = spec
-        self.needs_features = resolve_hints(spec.hints, student, teacher, "fitnet")
+        self.needs_features = resolve_hints(spec.hints, setup.student, setup.teacher, "fitnet")
         # Sized from the first batch (see DistillMethod.prepare), when both shapes are known.
         self.projectors = nn.ModuleDict()
 

@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, require_teacher
-from core.distill.types import Teacher
+from core.distill.methods.base import Batch, DistillMethod, Losses, MethodSetup, require_teacher
 from core.errors import InvalidSpec
 
 
@@ -62,16 +61,11 @@ class MappedLayers(DistillMethod):
     def __init__(
         self,
         spec: Any,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        require_teacher(teacher, spec.method)
-        self.sizes, self.teacher_sizes = hf_sizes(student, teacher, spec.method)
+        super().__init__(setup)
+        require_teacher(setup.teacher, spec.method)
+        self.sizes, self.teacher_sizes = hf_sizes(setup.student, setup.teacher, spec.method)
         self.spec = spec
         n_s, n_t = self.sizes["num_layers"], self.teacher_sizes["num_layers"]
         self.map = layer_map(spec.layer_map, n_s, n_t, first=self.first)

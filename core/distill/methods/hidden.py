@@ -15,11 +15,10 @@ the default is TinyBERT's uniform map ``g(i) = round(i · N_t / N_s)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from core.distill.methods.base import MethodSetup
 from core.distill.methods.hf_layers import MappedLayers
 from core.distill.methods.registry import register_method
 from core.spec import HiddenMethod, HintPair
@@ -49,8 +48,8 @@ class Hidden(MappedLayers):
     first = 0
     run_options = {"hidden": True}  # noqa: RUF012 - read only
 
-    def __init__(self, spec: HiddenMethod, **kwargs: Any) -> None:
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: HiddenMethod, setup: MethodSetup) -> None:
+        super().__init__(spec, setup)
         self.needs_features = [
             HintPair(teacher=f"hidden_states.{t}", student=f"hidden_states.{s}")
             for s, t in enumerate(self.map)

@@ -10,11 +10,10 @@ without labels is pure distillation: ``T² · KL``.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, require_teacher
+from core.distill.methods.base import Batch, DistillMethod, Losses, MethodSetup, require_teacher
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import KDMethod
 
 
@@ -23,15 +22,10 @@ class KD(DistillMethod):
     def __init__(
         self,
         spec: KDMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        require_teacher(teacher, "kd", task=task)
+        super().__init__(setup)
+        require_teacher(setup.teacher, "kd", task=setup.task)
         self.spec = spec
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:

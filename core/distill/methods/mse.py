@@ -14,11 +14,17 @@ batch without labels is ``MSE(s, t)``.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from core.distill.methods.base import Batch, DistillMethod, Losses, hard_loss, require_teacher
+from core.distill.methods.base import (
+    Batch,
+    DistillMethod,
+    Losses,
+    MethodSetup,
+    hard_loss,
+    require_teacher,
+)
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import MSEMethod
 
 
@@ -27,15 +33,10 @@ class MSE(DistillMethod):
     def __init__(
         self,
         spec: MSEMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
-        require_teacher(teacher, "mse")
+        super().__init__(setup)
+        require_teacher(setup.teacher, "mse")
         self.alpha = spec.alpha
         self.cosine_weight = spec.cosine_weight
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from core.distill.methods.base import MethodSetup
 from core.errors import InvalidSpec
 from core.spec import MethodSpec
 
@@ -57,14 +58,8 @@ def build_method(
     ``student`` becomes part of the method: optimise ``method.parameters()``.
     """
     spec = parse_method(spec)
-    method = _factory(spec.method, tokens=False)(
-        spec,
-        student=student,
-        teacher=teacher,
-        task=task or "classification",
-        n_classes=n_classes,
-        epochs=epochs,
-    )
+    setup = MethodSetup(student, teacher, task or "classification", n_classes, epochs)
+    method = _factory(spec.method, tokens=False)(spec, setup)
     method.config = spec.model_dump(mode="json")  # what checkpoints and reports record
     return method
 

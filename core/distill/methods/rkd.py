@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from core.distill.methods.base import (
     Batch,
     DistillMethod,
     Losses,
+    MethodSetup,
     as_vector,
     resolve_hints,
 )
 from core.distill.methods.registry import register_method
-from core.distill.types import Teacher
 from core.spec import RKDMethod
 
 ANGLE_SAMPLES = 64
@@ -36,16 +36,11 @@ class RKD(DistillMethod):
     def __init__(
         self,
         spec: RKDMethod,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None,
-        task: str,
-        n_classes: int | None,
-        epochs: int,
+        setup: MethodSetup,
     ) -> None:
-        super().__init__(student, task=task, n_classes=n_classes, epochs=epochs)
+        super().__init__(setup)
         self.spec = spec
-        self.needs_features = resolve_hints([], student, teacher, "rkd")
+        self.needs_features = resolve_hints([], setup.student, setup.teacher, "rkd")
 
     def compute(self, out: Tensor, feats: dict[str, Tensor], batch: Batch) -> Losses:
         spec = self.spec
