@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from cli.digits import DigitsCNN
 from core.distill.architectures import build_architecture
 from core.distill.inspect import inspect_dataset_file, inspect_model_file
 from core.distill.sandbox import keep_warm, run_sandboxed, stop_warm
@@ -180,6 +179,10 @@ def test_a_pickle_is_refused_in_the_sandbox_and_never_unpickled(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_inspection_records_each_formats_signature(tmp_path: Path) -> None:
+    # Imported here: the sandbox's child imports this module in a cage that holds the project's
+    # core, worker and tests packages, not the command's (cli).
+    from cli.digits import DigitsCNN
+
     torch.manual_seed(0)
     files = save_all_formats(
         DigitsCNN(width=4),
