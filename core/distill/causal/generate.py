@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,31 @@ def on_policy_rows(
     completions = complete(student, prompts, gen, device, max_length=max_length)
     student.train(was_training)
     return rows_of(student.tokenizer, prompts, completions, max_length)
+
+
+@dataclass
+class OnPolicy:
+    """``gkd``: ``n`` of the training prompts, completed by the student as it is now.
+
+    The prompts are drawn with ``generator`` (seeded by the job), which a checkpoint saves so
+    that a resumed job draws the prompts the uninterrupted one would have.
+    """
+
+    student: HFModel
+    prompts: list[str]
+    gen: GenerateSpec
+    device: torch.device
+    max_length: int
+    seed: int
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, n: int) -> TokenRows:
+        pick = torch.randint(len(self.prompts), (n,), generator=self.generator).tolist()
+        prompts = [self.prompts[i] for i in pick]
+        return on_policy_rows(self.student, prompts, self.gen, self.device, self.max_length)
 
 
 def teacher_generations(
