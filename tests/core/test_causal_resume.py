@@ -106,6 +106,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
         {"method": "kd", "temperature": 1.0, "alpha": 0.5},
         {"method": "hidden"},
         {"method": "gkd", "lmbda": 0.5, "generate": {"max_new_tokens": 8}},
+        {"method": "seqkd", "generate": {"max_new_tokens": 8}},
     ],
     ids=lambda m: m["method"],
 )
@@ -115,7 +116,7 @@ def test_a_job_stopped_after_epoch_1_resumes_and_ends_as_an_uninterrupted_one(
 ) -> None:  # fmt: skip
     monkeypatch.setenv(lm_cache.CACHE_ENV, str(tmp_path / "lm-cache"))
     spec = _spec(method)
-    data = _data(tmp_path / "data.jsonl", texts, prompts=method["method"] == "gkd")
+    data = _data(tmp_path / "data.jsonl", texts, prompts=method["method"] in ("gkd", "seqkd"))
     full, _ = _run(spec, teacher, data, tmp_path / "work-full", tmp_path / "full")
 
     work = tmp_path / "work"

@@ -128,9 +128,12 @@ def teacher_generations(
     if store.is_file():
         rows = [json.loads(line) for line in store.read_text().splitlines() if line]
         return [r["prompt"] for r in rows], [r["completion"] for r in rows], True
-    torch.manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(gen.samples)]
-    completions = complete(teacher, all_prompts, gen, device, max_length=max_length)
+    # Sampled from the seed alone, and leaving the job's random state as it was: the student
+    # trains alike whether the generations were made now or read.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        completions = complete(teacher, all_prompts, gen, device, max_length=max_length)
     texts = [teacher.tokenizer.decode(c) for c in completions]
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(".tmp")
