@@ -9,10 +9,7 @@ and progress events.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from core.distill.checkpoints import (
+    checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from core.distill.methods.base import Batch, DistillMethod
 from core.distill.types import Event, ProgressFn, StopFn, Teacher, TransferSet
 from core.errors import (
@@ -304,9 +309,7 @@ class TrainingRun:
         self.x, self.y = _resident(x, device), _resident(y, device)
         self.x_val, self.y_val = _resident(data.x_val, device), _resident(data.y_val, device)
         assert self.x is not None and self.x_val is not None
-        self.checkpoint = (
-            checkpoint_dir / f"{_safe_name(label)}-stage{stage}.pt" if checkpoint_dir else None
-        )
+        self.checkpoint = checkpoint_path(checkpoint_dir, label, stage) if checkpoint_dir else None
         self.spill_dir = checkpoint_dir
         bs = training.batch_size
         n = len(self.x)
@@ -624,17 +627,13 @@ class TrainingRun:
 
     def _fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the spec, the method and the data size."""
-        return json.dumps(
-            {
-                "training": self.spec.model_dump(),
-                "method": getattr(self.method, "config", type(self.method).__name__),
-                "arch": getattr(self.student, "distill_arch", None),
-                "task": self.task,
-                "n_train": len(self.x),
-                "n_val": len(self.x_val),
-            },
-            sort_keys=True,
-            default=str,
+        return fingerprint(
+            training=self.spec.model_dump(),
+            method=getattr(self.method, "config", type(self.method).__name__),
+            arch=getattr(self.student, "distill_arch", None),
+            task=self.task,
+            n_train=len(self.x),
+            n_val=len(self.x_val),
         )
 
     def _save(self, epochs_done: int) -> None:
@@ -656,23 +655,16 @@ class TrainingRun:
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
-            "rng": torch.get_rng_state(),
-            "shuffle_rng": self.shuffle.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **rng_state(shuffle=self.shuffle),
         }
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, state)
 
     def _resume(self) -> int:
         """Restore the last checkpoint of this same run; the number of epochs it completed."""
-        if self.checkpoint is None or not self.checkpoint.exists():
+        state = load_checkpoint(self.checkpoint, self._fingerprint(), self._log)
+        if state is None:
             return 0
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        if state.get("spec") != self._fingerprint():
-            self._log(f"ignoring {self.checkpoint.name}: it belongs to a different run")
-            return 0
+        assert self.checkpoint is not None
         self.student.load_state_dict(state["student"])
         self.method.load_method_state(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -686,10 +678,7 @@ class TrainingRun:
         self.history = list(state["history"])
         self.finished = state["finished"]
         self.stopped_early = state["stopped_early"]
-        torch.set_rng_state(state["rng"])
-        self.shuffle.set_state(state["shuffle_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_rng(state, shuffle=self.shuffle)
         self._log(f"resumed from {self.checkpoint.name} after epoch {state['epoch']}")
         return int(state["epoch"])
 
@@ -766,11 +755,6 @@ def _output_metrics(
     if target is not None:
         metrics["val_mse"] = float((out - target.float().reshape(out.shape)).pow(2).mean())
     return metrics
-
-
-def _safe_name(label: str) -> str:
-    """A label as a file name: ``stage 1/2`` → ``stage_1_2``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "student"
 
 
 __all__ = [

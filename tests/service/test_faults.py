@@ -17,6 +17,7 @@ import pytest
 
 from core.config import Settings
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+from tests.core.causal_files import corpus, train_teacher, write_text_jsonl, zip_folder
 from tests.service.fault_stack import (
     FAST_SETTINGS,
     TERMINAL,
@@ -85,7 +86,7 @@ def _after_last_running(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events[starts[-1] :]
 
 
-def _assert_resumed_once(stack: Stack, job_id: str, epochs: int) -> None:
+def _assert_resumed_once(stack: Stack, job_id: str, epochs: int, measure: str = "accuracy") -> None:
     """Finished once, by attempt 2, from the last uploaded checkpoint, with one artifact set."""
     job = stack.job(job_id)
     assert (job.status, job.attempt) == ("succeeded", 2), (job.status, job.error)
@@ -109,7 +110,7 @@ def _assert_resumed_once(stack: Stack, job_id: str, epochs: int) -> None:
     # Epochs up to the checkpoint are not trained again; the rest once each.
     metrics = [e["epoch"] for e in second if e["type"] == "metrics" and "epoch" in e]
     assert metrics == list(range(done_before + 1, epochs + 1)), (done_before, metrics)
-    assert job.result["student"]["accuracy"] > 0
+    assert job.result["student"][measure] > 0
     artifacts = stack.artifacts(job_id)
     assert sorted(a.name for a in artifacts) == sorted({a.name for a in artifacts})
     assert {a.attempt for a in artifacts} == {2}
@@ -169,6 +170,36 @@ def test_a_killed_job_process_is_retried_by_the_same_worker(
     _assert_resumed_once(stack, job_id, epochs)
     owners = [e["worker"] for e in _statuses(stack, job_id) if e["status"] == "running"]
     assert len(owners) == 2 and all(f":{worker.popen.pid}:" in o for o in owners)
+
+
+def test_a_killed_causal_job_process_resumes_from_its_checkpoint(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A causal-LM job: the checkpoint of its student after epoch 2 survives its process."""
+    tmp = tmp_path_factory.mktemp("causal")
+    texts = corpus()
+    train_teacher(tmp / "teacher", texts, steps=30)
+    teacher = stack.upload("/v1/models", zip_folder(tmp / "teacher", tmp / "teacher.zip"))
+    dataset = stack.upload("/v1/datasets", write_text_jsonl(tmp / "d.jsonl", texts[:200], 20))
+    epochs = 6
+    worker = stack.start_worker()
+    job_id = stack.submit(
+        {
+            "teacher": {"model_id": teacher},
+            "dataset_id": dataset,
+            "student": {"from_teacher": {"layers": 2, "hidden_size": 32}},
+            "distillation": {"method": "kd"},
+            # About a second per epoch on a busy machine: batches of 4.
+            "training": {"epochs": epochs, "batch_size": 4, "max_length": 32, "baseline": False},
+            "export": ["hf"],
+        }
+    )
+    (child,) = stack.wait_until(
+        "epoch 2 and a checkpoint", lambda: _mid_job(stack, worker, job_id, 2), 120
+    )
+    child.kill()
+    stack.wait(job_id, TERMINAL, timeout=120)
+    _assert_resumed_once(stack, job_id, epochs, measure="perplexity")
 
 
 def test_a_job_that_loses_its_worker_three_times_fails_worker_lost(

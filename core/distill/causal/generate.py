@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,31 @@ def on_policy_rows(
     return rows_of(student.tokenizer, prompts, completions, max_length)
 
 
+@dataclass
+class OnPolicy:
+    """``gkd``: ``n`` of the training prompts, completed by the student as it is now.
+
+    The prompts are drawn with ``generator`` (seeded by the job), which a checkpoint saves so
+    that a resumed job draws the prompts the uninterrupted one would have.
+    """
+
+    student: HFModel
+    prompts: list[str]
+    gen: GenerateSpec
+    device: torch.device
+    max_length: int
+    seed: int
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, n: int) -> TokenRows:
+        pick = torch.randint(len(self.prompts), (n,), generator=self.generator).tolist()
+        prompts = [self.prompts[i] for i in pick]
+        return on_policy_rows(self.student, prompts, self.gen, self.device, self.max_length)
+
+
 def teacher_generations(
     teacher: HFModel,
     prompts: list[str],
@@ -102,9 +128,12 @@ def teacher_generations(
     if store.is_file():
         rows = [json.loads(line) for line in store.read_text().splitlines() if line]
         return [r["prompt"] for r in rows], [r["completion"] for r in rows], True
-    torch.manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(gen.samples)]
-    completions = complete(teacher, all_prompts, gen, device, max_length=max_length)
+    # Sampled from the seed alone, and leaving the job's random state as it was: the student
+    # trains alike whether the generations were made now or read.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        completions = complete(teacher, all_prompts, gen, device, max_length=max_length)
     texts = [teacher.tokenizer.decode(c) for c in completions]
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(".tmp")

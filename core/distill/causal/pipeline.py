@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from core.distill.causal import cache as lm_cache
 from core.distill.causal import evaluate
 from core.distill.causal.data import DEFAULT_MAX_LENGTH, Line, LMData, encode_lines, load_lm_data
 from core.distill.causal.export import export_causal_student
-from core.distill.causal.generate import generations_key, on_policy_rows, teacher_generations
+from core.distill.causal.generate import OnPolicy, generations_key, teacher_generations
 from core.distill.causal.placement import (
     place_teacher,
     teacher_device,
@@ -93,7 +92,10 @@ def run_causal(
             method, tmodel, data, teacher_sha, work_dir, t_device, spec.training.seed, report
         )
     if method.method == "gkd":
-        on_policy = _on_policy(method, student, data, device, spec.training.seed)
+        on_policy = OnPolicy(
+            student, data.train_prompts, method.generate, device, data.max_length,
+            spec.training.seed,
+        )  # fmt: skip
     # seqkd's student learns the teacher's completions by their next tokens alone.
     learner = None
     if method.method != "seqkd":
@@ -119,6 +121,7 @@ def run_causal(
         progress=report,
         should_stop=should_stop,
         on_policy=on_policy,
+        checkpoint_dir=work_dir,
     )
     report.keep(history)
     if cache_info is not None:
@@ -138,6 +141,7 @@ def run_causal(
             stage=(2, stages),
             progress=report,
             should_stop=should_stop,
+            checkpoint_dir=work_dir,
         )
         report.keep(rows)
 
@@ -285,22 +289,6 @@ def _teacher_rows(
         data.max_length,
     )
     return rows, {"key": key, "read": read, "completions": len(completions)}
-
-
-def _on_policy(
-    method: Any, student: HFModel, data: LMData, device: torch.device, seed: int
-) -> Callable[[int], Any]:
-    """``gkd``: ``n`` of the training prompts, completed by the student as it is now."""
-    generator = torch.Generator().manual_seed(seed)
-    prompts = data.train_prompts
-
-    def rows(n: int) -> Any:
-        pick = torch.randint(len(prompts), (n,), generator=generator).tolist()
-        return on_policy_rows(
-            student, [prompts[i] for i in pick], method.generate, device, data.max_length
-        )
-
-    return rows
 
 
 def _sha256(path: Path) -> str:

@@ -3,14 +3,16 @@
 
 The teacher's distribution comes from the top-k cache (:mod:`.cache`) or from its forward on
 the batch (always, for a method that reads hidden states); the baseline learns the next token
-alone (cross-entropy), for the same steps.
+alone (cross-entropy), for the same steps. After every epoch a checkpoint (the trainer's format,
+:mod:`core.distill.checkpoints`) holds what a re-run needs to go on from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,16 @@ from torch import Tensor
 
 from core.distill.causal.cache import TopKCache
 from core.distill.causal.data import TokenRows
+from core.distill.causal.generate import OnPolicy
 from core.distill.causal.placement import teacher_outputs
+from core.distill.checkpoints import (
+    checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from core.distill.hf.models import HFModel
 from core.distill.methods.token_losses import (
     TeacherTokens,
@@ -45,13 +56,16 @@ def train_student(
     stage: tuple[int, int],
     progress: ProgressFn,
     should_stop: StopFn,
-    on_policy: Callable[[int], TokenRows] | None = None,
+    on_policy: OnPolicy | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``student`` (and ``method``'s own parameters) in place; the history of its epochs
-    (loss, validation perplexity).
+    (loss, validation perplexity), those restored from a checkpoint included.
 
     ``method`` None trains on the next token alone (the baseline). ``on_policy(n)`` gives ``n``
-    rows of the student's own completions (``gkd``: a batch is one with probability λ).
+    rows of the student's own completions (``gkd``: a batch is one with probability λ). With
+    ``checkpoint_dir``, a checkpoint of this same run found there is resumed, and one is
+    written after every epoch.
     """
     from core.distill.hf.checkpointing import checkpointing
 
@@ -59,7 +73,7 @@ def train_student(
         return _train(
             student, data, val, training=training, method=method, teacher=teacher, cache=cache,
             device=device, label=label, stage=stage, progress=progress, should_stop=should_stop,
-            on_policy=on_policy,
+            on_policy=on_policy, checkpoint_dir=checkpoint_dir,
         )  # fmt: skip
 
 
@@ -77,7 +91,8 @@ def _train(
     stage: tuple[int, int],
     progress: ProgressFn,
     should_stop: StopFn,
-    on_policy: Callable[[int], TokenRows] | None,
+    on_policy: OnPolicy | None,
+    checkpoint_dir: Path | None,
 ) -> list[dict[str, Any]]:
     from core.distill.causal.evaluate import perplexity
 
@@ -90,13 +105,24 @@ def _train(
     steps_per_epoch = math.ceil(len(data) / batch)
     total = steps_per_epoch * training.epochs
     generator = torch.Generator().manual_seed(training.seed)
-    history: list[dict[str, Any]] = []
+    # The batch order and gkd's coin share ``generator``; gkd's prompts have their own.
+    generators = {"shuffle": generator}
+    if on_policy is not None:
+        generators["on_policy"] = on_policy.generator
     lmbda = float(getattr(method.spec, "lmbda", 0.0)) if method is not None else 0.0
     hidden = method is not None and method.reads_hidden
-    teacher_seconds = 0.0
+    saved = _Checkpoint(
+        checkpoint_path(checkpoint_dir, label, stage[0]) if checkpoint_dir else None,
+        _fingerprint(training, method, student, data, val, label),
+        student, method, optimizer, generators, progress,
+    )  # fmt: skip
+    state = saved.restore()
+    history: list[dict[str, Any]] = list(state["history"]) if state else []
+    step = int(state["step"]) if state else 0
+    teacher_seconds = float(state["teacher_seconds"]) if state else 0.0
+    done, first_step = (int(state["epoch"]) if state else 0), step
     started = time.monotonic()
-    step = 0
-    for epoch in range(1, training.epochs + 1):
+    for epoch in range(done + 1, training.epochs + 1):
         order = torch.randperm(len(data), generator=generator)
         totals: dict[str, float] = {}
         for start in range(0, len(data), batch):
@@ -143,6 +169,13 @@ def _train(
         )
         student.train()
         history.append(row)
+        saved.save(
+            epoch=epoch,
+            finished=epoch == training.epochs,
+            step=step,
+            history=history,
+            teacher_seconds=teacher_seconds,
+        )
         progress(Event("metrics", {**row, "label": label}))
         elapsed = time.monotonic() - started
         progress(
@@ -152,12 +185,91 @@ def _train(
                     "stage": stage[0],
                     "stages": stage[1],
                     "fraction": round(step / total, 4),
-                    "eta_seconds": round(elapsed / step * (total - step), 1),
+                    "eta_seconds": round(elapsed / (step - first_step) * (total - step), 1),
                     "label": label,
                 },
             )
         )
     return history
+
+
+class _Checkpoint:
+    """One run's checkpoint: the student's weights, the method's own parameters, the
+    optimizer's state, the random states of the global and the run's generators, and the
+    counters the loop passes (the epoch, the step, the history)."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        spec: str,
+        student: HFModel,
+        method: TokenMethod | None,
+        optimizer: torch.optim.Optimizer,
+        generators: dict[str, torch.Generator],
+        progress: ProgressFn,
+    ) -> None:
+        self.path, self.spec, self.progress = path, spec, progress
+        self.student, self.method, self.optimizer = student, method, optimizer
+        self.generators = generators
+
+    def save(self, **counters: Any) -> None:
+        if self.path is None:
+            return
+        state = {
+            "spec": self.spec,
+            "student": self.student.state_dict(),
+            "method": self.method.state_dict() if self.method is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            **rng_state(**self.generators),
+            **counters,
+        }
+        save_checkpoint(self.path, state)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load this run's checkpoint into the models, the optimizer and the generators; the
+        checkpoint (None when there is none of this run)."""
+        state = load_checkpoint(self.path, self.spec, self._log)
+        if state is None:
+            return None
+        assert self.path is not None
+        self.student.load_state_dict(state["student"])
+        if self.method is not None:
+            self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state, **self.generators)
+        self._log(f"resumed from {self.path.name} after epoch {state['epoch']}")
+        return state
+
+    def _log(self, message: str) -> None:
+        self.progress(Event("log", {"message": message}))
+
+
+def _fingerprint(
+    training: TrainingSpec,
+    method: TokenMethod | None,
+    student: HFModel,
+    data: TokenRows,
+    val: TokenRows,
+    label: str,
+) -> str:
+    """What a checkpoint must match to be resumed: the settings, the method, the student's
+    layout and the training rows themselves (seqkd's are the teacher's generations)."""
+    shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
+    return fingerprint(
+        training=training.model_dump(),
+        method=method.spec.model_dump() if method is not None else "next_token",
+        student=_digest(repr(sorted(shapes.items())).encode()),
+        rows=_digest(data.x, data.target),
+        n_val=len(val),
+        label=label,
+    )
+
+
+def _digest(*parts: bytes | Tensor) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.contiguous().numpy().data)
+    return h.hexdigest()
 
 
 def _teacher_tokens(
