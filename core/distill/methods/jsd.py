@@ -18,15 +18,14 @@ from torch import Tensor
 
 from core.distill.methods.registry import register_method
 from core.distill.methods.token_losses import (
-    TeacherTokens,
-    divergence_and_ce,
+    divergence_loss,
     forward_kl,
     per_token,
     reverse_kl,
 )
 
 
-def divergence(s_logp: Tensor, t_logp: Tensor, beta: float) -> Tensor:
+def divergence(s_logp: Tensor, t_logp: Tensor, beta: float = 0.5) -> Tensor:
     """JSD_β per position from the two log-probability vectors."""
     if beta <= 0:
         return forward_kl(s_logp, t_logp)
@@ -36,27 +35,7 @@ def divergence(s_logp: Tensor, t_logp: Tensor, beta: float) -> Tensor:
     return beta * forward_kl(m, t_logp) + (1 - beta) * forward_kl(m, s_logp)
 
 
-def loss(
-    student_logits: Tensor,
-    teacher: TeacherTokens,
-    targets: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    beta: float = 0.5,
-    **_: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    return divergence_and_ce(
-        lambda s, t: divergence(s, t, beta),
-        student_logits,
-        teacher,
-        targets,
-        mask,
-        temperature=temperature,
-        alpha=alpha,
-    )
-
+loss = divergence_loss(divergence, knobs=("beta",))
 
 register_method("jsd", tokens=True)(per_token(loss))
 # gkd: the same loss, on the student's own completions a fraction λ of the time

@@ -9,30 +9,9 @@ teacher's mass: it concentrates on the teacher's modes.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from core.distill.methods.registry import register_method
-from core.distill.methods.token_losses import (
-    TeacherTokens,
-    divergence_and_ce,
-    per_token,
-    reverse_kl,
-)
+from core.distill.methods.token_losses import divergence_loss, per_token, reverse_kl
 
-
-def loss(
-    student_logits: Tensor,
-    teacher: TeacherTokens,
-    targets: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    **_: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    return divergence_and_ce(
-        reverse_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
-    )
-
+loss = divergence_loss(reverse_kl)
 
 register_method("reverse_kl", tokens=True)(per_token(loss))

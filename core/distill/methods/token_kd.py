@@ -9,31 +9,9 @@ the tokens the loss covers (padding and prompt tokens masked).
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from core.distill.methods.registry import register_method
-from core.distill.methods.token_losses import (
-    TeacherTokens,
-    divergence_and_ce,
-    forward_kl,
-    per_token,
-)
+from core.distill.methods.token_losses import divergence_loss, forward_kl, per_token
 
-
-def loss(
-    student_logits: Tensor,
-    teacher: TeacherTokens,
-    targets: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    **_: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss and its parts (``kl``, ``ce``) for aligned (already shifted) positions."""
-    return divergence_and_ce(
-        forward_kl, student_logits, teacher, targets, mask, temperature=temperature, alpha=alpha
-    )
-
+loss = divergence_loss(forward_kl)
 
 register_method("kd", tokens=True)(per_token(loss))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -119,6 +120,33 @@ def divergence_and_ce(
     kl = masked_mean(divergence(s, t), mask)
     ce = next_token_ce(student_logits, targets, mask)
     return mixed(kl, ce, alpha, temperature), {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def divergence_loss(
+    divergence: Callable[..., Tensor], knobs: tuple[str, ...] = ()
+) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    """The per-token loss that is ``divergence`` mixed with next-token CE (what ``kd``,
+    ``reverse_kl`` and ``jsd`` are): ``loss(student_logits, teacher, targets, mask, *,
+    temperature, alpha, **options)``, passing on to ``divergence`` the ``knobs`` it takes
+    (``jsd``'s ``beta``) and ignoring other options."""
+
+    def loss(
+        student_logits: Tensor,
+        teacher: TeacherTokens,
+        targets: Tensor,
+        mask: Tensor,
+        *,
+        temperature: float,
+        alpha: float,
+        **options: float,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen = {name: options[name] for name in knobs if name in options}
+        return divergence_and_ce(
+            partial(divergence, **chosen), student_logits, teacher, targets, mask,
+            temperature=temperature, alpha=alpha,
+        )  # fmt: skip
+
+    return loss
 
 
 @dataclass
