@@ -204,40 +204,31 @@ def fail_job(
     session: Session, job_id: str, error: dict[str, Any], *, owner: str | None = None
 ) -> bool:
     """running/cancelling → failed with ``error`` ({code, message}); under ``owner`` if given."""
-    conditions: list[Any] = [Job.status.in_(RUNNING_STATUSES)]
-    if owner is not None:
-        conditions.append(Job.lease_owner == owner)
-    won = _transition(
-        session,
-        job_id,
-        conditions,
-        {"status": "failed", "error": error, "finished_at": utcnow(), "lease_owner": None},
-    )
-    if not won:
-        session.rollback()
-        return False
-    _status_event(session, job_id, "failed", error=error)
-    session.commit()
-    return True
+    return _end_run(session, job_id, owner, {"status": "failed", "error": error}, error=error)
 
 
 def mark_cancelled(
     session: Session, job_id: str, *, owner: str | None = None, reason: str = "cancel_requested"
 ) -> bool:
     """running/cancelling → cancelled (the run has stopped); under ``owner`` if given."""
+    return _end_run(session, job_id, owner, {"status": "cancelled"}, reason=reason)
+
+
+def _end_run(
+    session: Session, job_id: str, owner: str | None, values: dict[str, Any], **event: Any
+) -> bool:
+    """running/cancelling → ``values["status"]`` with its status event, under ``owner`` if
+    given; False (nothing written) when the job is no longer this run's."""
     conditions: list[Any] = [Job.status.in_(RUNNING_STATUSES)]
     if owner is not None:
         conditions.append(Job.lease_owner == owner)
     won = _transition(
-        session,
-        job_id,
-        conditions,
-        {"status": "cancelled", "finished_at": utcnow(), "lease_owner": None},
+        session, job_id, conditions, {**values, "finished_at": utcnow(), "lease_owner": None}
     )
     if not won:
         session.rollback()
         return False
-    _status_event(session, job_id, "cancelled", reason=reason)
+    _status_event(session, job_id, values["status"], **event)
     session.commit()
     return True
 
