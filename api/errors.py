@@ -21,12 +21,6 @@ class InvalidRequest(ClientError):
     code = "invalid_request"
     http_status = 422
 
-    def __init__(self, message: str, *, field: str | None = None, **kw: Any) -> None:
-        details = kw.pop("details", None) or {}
-        if field is not None:
-            details.setdefault("field", field)
-        super().__init__(message, details=details)
-
 
 class NotReady(DistillError):
     """A dependency of the service (database, broker, storage) cannot be reached."""

@@ -62,17 +62,19 @@ class ClientError(DistillError):
     code = "bad_request"
     http_status = 400
 
+    def __init__(
+        self, message: str, *, field: str | None = None, details: dict[str, Any] | None = None
+    ) -> None:
+        details = dict(details or {})
+        if field is not None:
+            details.setdefault("field", field)  # the dotted name of what to fix
+        super().__init__(message, details=details)
+        self.field = field
+
 
 class InvalidSpec(ClientError):
     code = "invalid_spec"
     http_status = 422
-
-    def __init__(self, message: str, *, field: str | None = None, **kw: Any) -> None:
-        details = kw.pop("details", None) or {}
-        if field is not None:
-            details.setdefault("field", field)
-        super().__init__(message, details=details)
-        self.field = field
 
 
 class ShapeMismatch(InvalidSpec):
