@@ -19,10 +19,20 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.protocol import Event, Failure, JobPayload, Message, ModelInput, Outcome, encode
+from worker.protocol import (
+    SERVICE_ENGINE,
+    Event,
+    Failure,
+    JobPayload,
+    Message,
+    ModelInput,
+    Outcome,
+    encode,
+)
 
 
 def jsonable(value: Any) -> Any:
@@ -50,6 +60,17 @@ def _listen_to_parent(stop: threading.Event) -> None:
         os._exit(70)  # a worker that is gone must not leave its job running
 
     threading.Thread(target=listen, name="parent-watch", daemon=True).start()
+
+
+def _engine(name: str) -> Callable[..., Any]:
+    """The engine the payload names: the service's own, imported by name (so that a reader and
+    a type checker can follow the call), or a test's stand-in given as ``module:function``."""
+    if name == SERVICE_ENGINE:
+        from core.distill.pipeline import run_job  # torch and the engine, in the child alone
+
+        return run_job
+    module_name, _, func_name = name.partition(":")
+    return getattr(importlib.import_module(module_name), func_name)  # type: ignore[no-any-return]
 
 
 def main() -> None:
@@ -80,8 +101,7 @@ def main() -> None:
         send(Event(event.type, event.data))
 
     try:
-        module_name, _, func_name = payload.engine.partition(":")
-        engine = getattr(importlib.import_module(module_name), func_name)
+        engine = _engine(payload.engine)
         outcome = engine(
             _spec(payload.spec),
             models=_models(payload.models),

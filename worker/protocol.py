@@ -23,6 +23,9 @@ class ModelInput:
     arch_config: dict[str, Any] | None = None
 
 
+SERVICE_ENGINE = "core.distill.pipeline:run_job"  # what every job runs; tests name stand-ins
+
+
 @dataclass
 class JobPayload:
     """Everything the job process needs, as the worker prepared it."""

@@ -62,11 +62,10 @@ from worker.checkpoints import (
     restore_checkpoints,
     sync_checkpoints,
 )
-from worker.protocol import Failure, JobPayload, Message, ModelInput, Outcome
+from worker.protocol import SERVICE_ENGINE, Failure, JobPayload, Message, ModelInput, Outcome
 
 log = logging.getLogger(__name__)
 
-ENGINE = "core.distill.pipeline:run_job"
 MODEL_SUFFIX = {
     "exported_program": ".pt2",
     "onnx": ".onnx",
@@ -123,7 +122,7 @@ def run_claimed_job(
     settings: Settings,
     session_factory: sessionmaker[Session],
     storage: Storage | None = None,
-    engine: str = ENGINE,
+    engine: str = SERVICE_ENGINE,
 ) -> RunEnd:
     """Run a job this worker has claimed; record how it ended; return how it ended.
 
