@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from core.distill import export
 from core.distill.causal import cache as lm_cache
 from core.distill.causal import evaluate
 from core.distill.causal.data import DEFAULT_MAX_LENGTH, Line, LMData, encode_lines, load_lm_data
@@ -31,6 +32,9 @@ from core.distill.causal.placement import (
 from core.distill.causal.quantize import quantize_student
 from core.distill.causal.train import train_student
 from core.distill.hf.models import HFModel, HFTeacher
+from core.distill.hf.students import build_hf_student
+from core.distill.methods import build_token_method
+from core.distill.stages import model_key
 from core.distill.types import Artifact, JobOutcome, ModelFile, StopFn
 from core.spec import DatasetInfo, JobSpec, complete_spec, concrete_training
 
@@ -47,10 +51,6 @@ def run_causal(
     should_stop: StopFn,
     device: torch.device,
 ) -> JobOutcome:
-    from core.distill import export
-    from core.distill.methods import build_token_method
-    from core.distill.pipeline import model_key
-
     started = time.monotonic()
     training = spec.training
     max_length = _max_length(spec, teacher)
@@ -76,7 +76,7 @@ def run_causal(
     method = spec.distillation
     assert method is not None and spec.student is not None
     t_device = teacher_device(training, device)
-    student = _student(spec, teacher, models, data, model_key)  # from the teacher as uploaded
+    student = _student(spec, teacher, models, data)  # from the teacher as uploaded
     baseline = copy.deepcopy(student) if training.baseline else None
     tmodel: HFModel = place_teacher(teacher.module, training, t_device)
     if t_device != device or training.teacher_dtype != "fp32":
@@ -209,10 +209,7 @@ def _student(
     teacher: HFTeacher,
     models: dict[str, ModelFile],
     data: LMData,
-    model_key: Any,
 ) -> HFModel:
-    from core.distill.hf.students import build_hf_student
-
     assert spec.student is not None
     ref = spec.student
     file = models.get(model_key(ref)) if (ref.model_id or ref.path) else None
