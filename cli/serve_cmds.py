@@ -145,9 +145,11 @@ def serve(
     env.setdefault("PYTHONWARNINGS", ",".join(quiet))
     children: dict[str, subprocess.Popen[bytes]] = {}
     # Children get their own process groups, so Ctrl-C reaches only us and we stop them in order.
-    # SIGTERM (kill, a supervisor, a CI timeout) stops them the same way.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    # SIGTERM (kill, a supervisor, a CI timeout) stops them the same way. SIGINT is set too: a
+    # process started in the background by a script inherits it ignored, and Python then leaves
+    # it so, which would make `kill -INT` (and the demo's stop) do nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         for name, args in commands.items():
             children[name] = subprocess.Popen(args, env=env, start_new_session=True)
@@ -165,7 +167,8 @@ def serve(
     except KeyboardInterrupt:
         typer.echo("stopping…")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         _stop(children)
 
 

@@ -44,6 +44,8 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         # Embedded defaults on 127.0.0.1: no key needed, everything under --data-dir.
         assert httpx.get(f"{base}/v1/jobs", timeout=5).status_code == 200
         assert (data / "distill.db").is_file() and (data / "broker.db").is_file()
+        # The lines come once serve's own /healthz check answered, which may be after ours.
+        serve.wait_for_output("press Ctrl-C to stop", timeout=30)
         out = serve.output()
         assert base in out and str(data.resolve()) in out
         children = psutil.Process(serve.popen.pid).children(recursive=True)
@@ -87,6 +89,26 @@ def test_the_url_is_printed_once_the_api_answers_and_sigterm_stops_every_child(
         # broker tables created twice.
         assert "[config]" not in out and "superuser" not in out, out
         assert "Connection to broker lost" not in out, out
+    finally:
+        serve.stop()
+
+
+def test_ctrl_c_stops_serve_even_when_started_with_sigint_ignored(tmp_path: Path) -> None:
+    # A script that runs `distill serve &` hands it SIGINT ignored (so does `nohup … &`); a
+    # `kill -INT`, or the demo stopping the service it started, must still stop it all.
+    port = free_port()
+    cli = [sys.executable, "-c", "from cli.app import app; app(prog_name='distill')"]
+    serve_args = [*cli, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    args = ["bash", "-c", 'trap "" INT; exec "$@"', "serve", *serve_args]
+    serve = Proc("serve", args, service_env(), tmp_path)
+    try:
+        serve.wait_for_output("press Ctrl-C to stop", timeout=90)
+        children = psutil.Process(serve.popen.pid).children(recursive=True)
+        assert len(children) >= 3
+        serve.popen.send_signal(signal.SIGINT)
+        assert serve.popen.wait(30) == 0, serve.output()[-3000:]
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], [c.cmdline() for c in alive]
     finally:
         serve.stop()
 
